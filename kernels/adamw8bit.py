@@ -1,0 +1,160 @@
+"""Fused 8-bit AdamW step for a whole bucket of tensors: decode -> AdamW -> encode, one pass.
+
+Pure Triton over tensors and scalars; the state format is ``lowbit_adamw.format`` (v1) and the update
+is the one written in ``lowbit_adamw.functional``. Nothing here knows about optimizers.
+
+How a bucket becomes one launch
+-------------------------------
+Every tensor of a bucket (params, grads, code buffers, absmax buffers) is addressed as an element
+offset from one *base* tensor of the same dtype (``base_ptr + offset + i``), so one launch covers
+tensors that live in separate allocations, without copying them into a packed buffer and without
+casting integers to pointers. A program owns ``BPP`` consecutive quantization blocks of one tensor
+(a ``[BPP, BLOCK]`` tile), so every block's absmax is computed in registers and no program straddles
+tensors. It finds its tensor by a binary search over ``prog_start`` (cumulative program counts per
+tensor; T+1 int32), so the only per-launch tables are O(number of tensors), not O(programs).
+
+Tables (built and cached by ``lowbit_adamw.kernel_launch``):
+  ``tensor_table``  int64 [T, 8]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
+                    vmax absmax, and numel. Changes only when a tensor is reallocated.
+  ``step_table``    int64 [T, 4]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
+                    flag (non-finite gradient). Uploaded each step (grads are often reallocated).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS: tl.constexpr):
+    lo = pid * 0
+    hi = num_tensors + lo
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go_right = tl.load(prog_start + mid) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _safe_inverse(a):
+    # 1/a for a block absmax; 0 for an all-zero block, so it encodes to the code of zero.
+    return tl.where(a > 0, 1.0 / tl.where(a > 0, a, 1.0), 0.0)
+
+
+@triton.jit
+def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
+    # Round toward zero to the 16-bit dtype, then one unit away from zero with probability equal to
+    # the fraction of the gap: same rule as lowbit_adamw.functional.stochastic_round_.
+    nearest = x.to(OUT_DTYPE)
+    bits = nearest.to(tl.int16, bitcast=True)
+    away = tl.abs(nearest.to(tl.float32)) > tl.abs(x)
+    lo_bits = bits - away.to(tl.int16)
+    lo = lo_bits.to(OUT_DTYPE, bitcast=True)
+    hi = (lo_bits + 1).to(OUT_DTYPE, bitcast=True)
+    lo32 = tl.abs(lo.to(tl.float32))
+    gap = tl.abs(hi.to(tl.float32)) - lo32
+    frac = tl.where(gap > 0, (tl.abs(x) - lo32) / gap, 0.0)
+    r = tl.rand(seed, offsets)
+    return tl.where(r < frac, hi, lo)
+
+
+@triton.jit
+def adamw8bit_kernel(
+    p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base,
+    tensor_table, step_table, prog_start, num_tensors,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed,
+    BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS)
+    skip = tl.load(step_table + t * 4 + 3)
+    if skip == 0:
+        row = tensor_table + t * 8
+        p_off = tl.load(row + 0)
+        mc_off = tl.load(row + 1)
+        ma_off = tl.load(row + 2)
+        vc_off = tl.load(row + 3)
+        va_off = tl.load(row + 4)
+        numel = tl.load(row + 7)
+        g_off = tl.load(step_table + t * 4 + 0)
+        step_size = tl.load(step_table + t * 4 + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        inv_bc2_sqrt = tl.load(step_table + t * 4 + 2).to(tl.int32).to(tl.float32, bitcast=True)
+
+        first_block = (pid - tl.load(prog_start + t)).to(tl.int64) * BPP
+        blocks = first_block + tl.arange(0, BPP)
+        idx = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = idx < numel
+        bmask = blocks * BLOCK < numel
+
+        # decode (format v1): m = sign(q) (q/127)^2 absmax, v = (c/255)^4 absmax
+        mq = (tl.load(mc_base + mc_off + idx, mask=mask, other=127).to(tl.float32) - 127.0) * (1.0 / 127.0)
+        m = mq * tl.abs(mq) * tl.load(ma_base + ma_off + blocks, mask=bmask, other=0.0)[:, None]
+        vy = tl.load(vc_base + vc_off + idx, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+        vy = vy * vy
+        v = vy * vy * tl.load(va_base + va_off + blocks, mask=bmask, other=0.0)[:, None]
+
+        p_raw = tl.load(p_base + p_off + idx, mask=mask, other=0.0)
+        p = p_raw.to(tl.float32)
+        g = tl.load(g_base + g_off + idx, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+
+        p = p * decay
+        m = m * beta1 + g * one_minus_beta1
+        v = v * beta2 + (g * g) * one_minus_beta2
+        if AMSGRAD:
+            xc_off = tl.load(row + 5)
+            xa_off = tl.load(row + 6)
+            xy = tl.load(xc_base + xc_off + idx, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+            xy = xy * xy
+            vh = tl.maximum(xy * xy * tl.load(xa_base + xa_off + blocks, mask=bmask, other=0.0)[:, None], v)
+        else:
+            vh = v
+        denom = tl.sqrt_rn(vh) * inv_bc2_sqrt + eps
+        p = p - step_size * (m / denom)
+
+        if STOCHASTIC:
+            out = _stochastic_round(p, seed + t * 7919, idx.to(tl.int32), p_raw.dtype)
+        else:
+            out = p.to(p_raw.dtype)
+        tl.store(p_base + p_off + idx, out, mask=mask)
+
+        # encode m (signed, square-root companding)
+        am = tl.max(tl.abs(m), axis=1)
+        s = m * _safe_inverse(am)[:, None]
+        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)
+        q = tl.where(s < 0, -q, q) + 127.0
+        tl.store(mc_base + mc_off + idx, q.to(tl.uint8), mask=mask)
+        tl.store(ma_base + ma_off + blocks, am, mask=bmask)
+
+        # encode v (unsigned, fourth-root companding, zero-point guard)
+        av = tl.max(v, axis=1)
+        c = tl.floor(tl.sqrt_rn(tl.sqrt_rn(v * _safe_inverse(av)[:, None])) * 255.0 + 0.5)
+        c = tl.where((v > 0) & (c == 0), 1.0, c)
+        tl.store(vc_base + vc_off + idx, c.to(tl.uint8), mask=mask)
+        tl.store(va_base + va_off + blocks, av, mask=bmask)
+        if AMSGRAD:
+            ax = tl.max(vh, axis=1)
+            cx = tl.floor(tl.sqrt_rn(tl.sqrt_rn(vh * _safe_inverse(ax)[:, None])) * 255.0 + 0.5)
+            cx = tl.where((vh > 0) & (cx == 0), 1.0, cx)
+            tl.store(xc_base + xc_off + idx, cx.to(tl.uint8), mask=mask)
+            tl.store(xa_base + xa_off + blocks, ax, mask=bmask)
+
+
+def launch_adamw8bit(
+    bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars,
+    *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed,
+):
+    """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 8 base tensors
+    (p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax); ``scalars`` is
+    (decay, beta1, 1-beta1, beta2, 1-beta2, eps) as Python floats (runtime arguments: a schedule never
+    recompiles the kernel)."""
+    if num_programs == 0:
+        return
+    search_steps = max(1, int(num_tensors).bit_length())
+    adamw8bit_kernel[(num_programs,)](
+        *bases, tensor_table, step_table, prog_start, num_tensors, *scalars, seed,
+        BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=search_steps,
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, STOCHASTIC=stochastic,
+    )

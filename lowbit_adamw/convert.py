@@ -1,0 +1,77 @@
+"""Switch optimizers mid-run: AdamW8bit state <-> torch.optim.AdamW state (dequantize / quantize)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from . import format as fmt
+
+_TORCH_GROUP_DEFAULTS = dict(
+    amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True
+)
+_TORCH_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def to_torch_adamw_state_dict(optimizer) -> dict:
+    """A state dict that ``torch.optim.AdamW`` over the same parameters loads with ``load_state_dict``.
+    8-bit moments are dequantized to the parameter's shape (torch's loader casts them to the parameter
+    dtype, as it does for any AdamW state)."""
+    sd = optimizer.state_dict()
+    groups = []
+    for g in sd["param_groups"]:
+        ng = dict(_TORCH_GROUP_DEFAULTS)
+        ng.update({k: copy.deepcopy(g[k]) for k in _TORCH_GROUP_KEYS})
+        ng["params"] = list(g["params"])
+        if "param_names" in g:
+            ng["param_names"] = list(g["param_names"])
+        groups.append(ng)
+    params = {pid: p for g, live in zip(sd["param_groups"], optimizer.param_groups) for pid, p in zip(g["params"], live["params"])}
+    block_of = {pid: g["block_size"] for g in sd["param_groups"] for pid in g["params"]}
+    state = {}
+    for pid, s in sd["state"].items():
+        p = params[pid]
+        out = {"step": s["step"].clone()}
+        for name in fmt.QUANTIZED_MOMENTS:
+            if name + "_codes" in s:
+                flat = fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name), block_of[pid])
+                out[name] = flat.view(p.shape)
+            elif name in s:
+                out[name] = s[name].clone()
+        state[pid] = out
+    return {"state": state, "param_groups": groups}
+
+
+def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
+    """Load a ``torch.optim.AdamW`` state dict into an AdamW8bit over the same parameters: moments of
+    parameters that get 8-bit state are quantized, the others are kept in fp32. Hyper-parameters come
+    from the torch state dict; the AdamW8bit-only settings (block size, ...) stay as they are."""
+    sd = torch_state_dict
+    if len(sd["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"torch state dict has {len(sd['param_groups'])} param groups, the optimizer {len(optimizer.param_groups)}")
+    groups, id_to_param = [], {}
+    for i, (tg, g) in enumerate(zip(sd["param_groups"], optimizer.param_groups)):
+        if len(tg["params"]) != len(g["params"]):
+            raise ValueError(f"param group {i}: torch state dict has {len(tg['params'])} parameters, the optimizer {len(g['params'])}")
+        ng = {k: v for k, v in g.items() if k != "params"}
+        ng.update({k: copy.deepcopy(tg[k]) for k in _TORCH_GROUP_KEYS if k in tg})
+        ng["params"] = list(tg["params"])
+        groups.append(ng)
+        id_to_param.update({pid: (p, g) for pid, p in zip(tg["params"], g["params"])})
+    state = {}
+    for pid, s in sd["state"].items():
+        p, g = id_to_param[pid]
+        step = s["step"]
+        out = {"step": (step.detach().float().cpu().reshape(()) if isinstance(step, torch.Tensor) else torch.tensor(float(step)))}
+        names = [n for n in fmt.QUANTIZED_MOMENTS if n in s]
+        if optimizer._wants_8bit(p, g):
+            for name in names:
+                codes, absmax = fmt.quantize_blockwise(s[name].to(p.device), fmt.is_signed(name), g["block_size"])
+                out[name + "_codes"], out[name + "_absmax"] = codes, absmax
+        else:
+            for name in names:
+                out[name] = s[name].to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+        state[pid] = out
+    new_sd = optimizer.state_dict()
+    new_sd["state"], new_sd["param_groups"] = state, groups
+    optimizer.load_state_dict(new_sd)

@@ -1,0 +1,225 @@
+"""The AdamW update over 8-bit blockwise state: one signature, two implementations.
+
+``adamw8bit_step`` takes a bucket of parameters (one device, one dtype) with their gradients and
+state dicts, and updates them in place. ``backend="torch"`` runs the chunked, vectorised PyTorch
+path below (the CPU path and the test oracle); ``backend="triton"`` runs the fused Triton kernel
+(``lowbit_adamw.kernels``) for CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Per element, all in fp32 whatever the parameter dtype (torch.optim.AdamW semantics)::
+
+    g  = -g if maximize else g
+    p  = p * (1 - lr * weight_decay)
+    m  = beta1 * m + (1 - beta1) * g
+    v  = beta2 * v + (1 - beta2) * g * g
+    vh = max(vmax, v) if amsgrad else v          # vmax is stored (8-bit) and becomes vh
+    p  = p - (lr / bc1) * m / (sqrt(vh) * (1 / sqrt(bc2)) + eps)
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t        (both 1 when bias_correction is False)
+
+then m, v (and vmax) are re-encoded (see ``lowbit_adamw.format``) and p is written in its dtype,
+rounded to nearest or, with ``stochastic_rounding``, stochastically (see ``stochastic_round_``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import format as fmt
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Hyper-parameters of one step, read from the param group at every step."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool = False
+    maximize: bool = False
+    bias_correction: bool = True
+    stochastic_rounding: bool = False
+
+    def corrections(self, step: float) -> tuple[float, float]:
+        """(lr / bc1, 1 / sqrt(bc2)) for a tensor at ``step`` (after incrementing). Computed in
+        float64 on the host so both backends use the very same fp32 scalars."""
+        if not self.bias_correction:
+            return self.lr, 1.0
+        bc1 = 1.0 - self.beta1**step
+        bc2 = 1.0 - self.beta2**step
+        return self.lr / bc1, 1.0 / math.sqrt(bc2)
+
+
+def state_names(amsgrad: bool) -> tuple[str, ...]:
+    return fmt.QUANTIZED_MOMENTS if amsgrad else fmt.QUANTIZED_MOMENTS[:2]
+
+
+# ---- stochastic rounding ------------------------------------------------------------------------
+# Rule (shared with the kernel): round toward zero to the 16-bit dtype, then move one unit away from
+# zero with probability (|x| - |lo|) / (|hi| - |lo|). Expected value equals x, so updates smaller
+# than half a 16-bit ulp still move the weight on average instead of being lost.
+
+def _toward_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        # bf16 is the top half of an fp32: truncating the low 16 bits rounds toward zero exactly.
+        return (x.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    lo = x.to(dtype)
+    bits = lo.view(torch.int16)
+    # Round-to-nearest went away from zero: step one unit back (sign-magnitude: bits - 1).
+    away = lo.float().abs() > x.abs()
+    return (bits - away.to(torch.int16)).view(dtype)
+
+
+def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Write fp32 ``x`` into 16-bit ``dst`` with stochastic rounding (the rule above)."""
+    lo = _toward_zero(x, dst.dtype)
+    hi = (lo.view(torch.int16) + 1).view(dst.dtype)  # one unit further from zero
+    lo32, hi32 = lo.float(), hi.float()
+    gap = (hi32 - lo32).abs()
+    frac = torch.where(gap > 0, (x.abs() - lo32.abs()) / gap, torch.zeros_like(gap))
+    r = torch.rand(x.shape, device=x.device, generator=generator)
+    dst.copy_(torch.where(r < frac, hi, lo))
+
+
+# ---- the PyTorch path ---------------------------------------------------------------------------
+
+def _update_chunk(p32, g, m, v, vmax, sc: StepScalars, step_size: float, inv_bc2_sqrt: float):
+    """In-place AdamW math on fp32 chunk tensors (g may be the caller's fp32 copy, it is scratch)."""
+    if sc.maximize:
+        g.neg_()
+    if sc.weight_decay != 0:
+        p32.mul_(1.0 - sc.lr * sc.weight_decay)
+    m.mul_(sc.beta1).add_(g, alpha=1.0 - sc.beta1)
+    v.mul_(sc.beta2).addcmul_(g, g, value=1.0 - sc.beta2)
+    if vmax is not None:
+        torch.maximum(vmax, v, out=vmax)
+        vh = vmax
+    else:
+        vh = v
+    denom = torch.sqrt(vh, out=g)  # g is no longer needed: reuse its memory
+    if inv_bc2_sqrt != 1.0:
+        denom.mul_(inv_bc2_sqrt)
+    denom.add_(sc.eps)
+    p32.addcdiv_(m, denom, value=-step_size)
+
+
+def _write_param(dst: torch.Tensor, p32: torch.Tensor, stochastic: bool, generator) -> None:
+    if dst.dtype == torch.float32:
+        if dst.data_ptr() != p32.data_ptr():
+            dst.copy_(p32)
+    elif stochastic:
+        stochastic_round_(dst, p32, generator)
+    else:
+        dst.copy_(p32)
+
+
+def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator) -> None:
+    step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
+    names = state_names(sc.amsgrad)
+    flat_p = param.view(-1)
+    flat_g = grad.reshape(-1)
+    n = flat_p.numel()
+    for start in range(0, n, fmt.CHUNK_ELEMENTS):
+        stop = min(start + fmt.CHUNK_ELEMENTS, n)
+        b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
+        moments = []
+        for name in names:
+            codes = state[name + "_codes"][start:stop]
+            absmax = state[name + "_absmax"][b0:b1]
+            buf = torch.empty(stop - start, dtype=torch.float32, device=param.device)
+            moments.append((name, codes, absmax, fmt.decode_span(codes, absmax, fmt.is_signed(name), block_size, buf)))
+        p_chunk = flat_p[start:stop]
+        p32 = p_chunk if p_chunk.dtype == torch.float32 else p_chunk.float()
+        g32 = flat_g[start:stop].to(torch.float32, copy=True)
+        vmax = moments[2][3] if sc.amsgrad else None
+        _update_chunk(p32, g32, moments[0][3], moments[1][3], vmax, sc, step_size, inv_bc2_sqrt)
+        _write_param(p_chunk, p32, sc.stochastic_rounding, generator)
+        for name, codes, absmax, buf in moments:
+            fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax)
+
+
+def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator) -> None:
+    """fp32 state for a 16-bit parameter (torch's fused AdamW wants state in the parameter dtype)."""
+    step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
+    flat_p, flat_g = param.view(-1), grad.reshape(-1)
+    m_all, v_all = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+    vmax_all = state["max_exp_avg_sq"].view(-1) if sc.amsgrad else None
+    for start in range(0, flat_p.numel(), fmt.CHUNK_ELEMENTS):
+        sl = slice(start, start + fmt.CHUNK_ELEMENTS)
+        p32 = flat_p[sl].float()
+        g32 = flat_g[sl].to(torch.float32, copy=True)
+        _update_chunk(p32, g32, m_all[sl], v_all[sl], None if vmax_all is None else vmax_all[sl], sc, step_size, inv_bc2_sqrt)
+        _write_param(flat_p[sl], p32, sc.stochastic_rounding, generator)
+
+
+def adamw8bit_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
+    scalars: StepScalars,
+    *,
+    block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+    backend: str = "torch",
+    generator: torch.Generator | None = None,
+    blocks_per_program: int | None = None,
+    plan_cache: dict | None = None,
+) -> None:
+    """Update a bucket of parameters with 8-bit state in place. ``state["step"]`` must already be
+    incremented. All tensors of the bucket share one device and one parameter dtype.
+
+    ``blocks_per_program`` and ``plan_cache`` only concern the Triton backend: quantization blocks per
+    kernel program (a power of two), and a dict the caller keeps so per-tensor tables are built once."""
+    if not params:
+        return
+    if backend == "torch":
+        for p, g, s in zip(params, grads, states):
+            _torch_step_8bit(p, g, s, scalars, block_size, generator)
+    elif backend == "triton":
+        from .kernel_launch import triton_step_8bit
+
+        triton_step_8bit(
+            params, grads, states, scalars, block_size=block_size, blocks_per_program=blocks_per_program,
+            plan_cache=plan_cache, generator=generator,
+        )
+    else:
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+
+
+def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None, generator=None) -> None:
+    """Update parameters that keep torch's fp32 exp_avg/exp_avg_sq. fp32 parameters go to torch's
+    own fused (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above."""
+    # torch's AdamW has no switch for bias correction: without it, everything takes the path below.
+    use_torch = lambda p: p.dtype == torch.float32 and scalars.bias_correction  # noqa: E731
+    f32 = [i for i, p in enumerate(params) if use_torch(p)]
+    other = [i for i, p in enumerate(params) if not use_torch(p)]
+    if f32:
+        sel = lambda xs: [xs[i] for i in f32]  # noqa: E731
+        ps, ss = sel(params), sel(states)
+        # Our step counters live on the CPU (as torch's non-fused AdamW keeps them); torch's fused
+        # kernel wants them on the parameter's device, so fused is used for CPU parameters only.
+        on_cpu = all(p.device.type == "cpu" for p in ps)
+        if fused is None and foreach is None:
+            fused = on_cpu
+        fused = bool(fused) and on_cpu
+        torch.optim.adamw.adamw(
+            ps,
+            sel(grads),
+            [s["exp_avg"] for s in ss],
+            [s["exp_avg_sq"] for s in ss],
+            [s["max_exp_avg_sq"] for s in ss] if scalars.amsgrad else [],
+            [s["step"] for s in ss],
+            foreach=foreach,
+            fused=fused,
+            amsgrad=scalars.amsgrad,
+            beta1=scalars.beta1,
+            beta2=scalars.beta2,
+            lr=scalars.lr,
+            weight_decay=scalars.weight_decay,
+            eps=scalars.eps,
+            maximize=scalars.maximize,
+        )
+    for i in other:
+        states[i]["step"] += 1
+        _torch_step_fp32_state(params[i], grads[i], states[i], scalars, generator)

@@ -1,0 +1,376 @@
+"""``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit blockwise codes."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import format as fmt
+from .functional import StepScalars, adamw8bit_step, fp32_state_step, state_names
+
+_BACKENDS = ("auto", "torch", "triton")
+_NONFINITE = ("skip", "raise", "ignore")
+_TORCH_ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def _check_scalar(name, value, low, high=None, high_open=False):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    if not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if value < low or (high is not None and (value >= high if high_open else value > high)):
+        bound = f"[{low}, {high})" if high_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
+        raise ValueError(f"Invalid {name}: {value} (must be in {bound})")
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    r"""AdamW with 8-bit blockwise state (``torch.optim.AdamW`` semantics, decoupled weight decay).
+
+    Args (shared with ``torch.optim.AdamW``, same defaults):
+        params, lr=1e-3 (float or 1-element tensor), betas=(0.9, 0.999), eps=1e-8,
+        weight_decay=1e-2, amsgrad=False, maximize=False, foreach=None, fused=None (the last two are
+        passed to torch's AdamW for the parameters kept in fp32 state).
+
+    Keyword-only:
+        block_size: elements per quantization block (power of two, 64..4096; default 256).
+        min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
+        bias_correction: apply Adam's bias correction (MLX calls it ``bias_correction``; default True).
+        stochastic_rounding: write 16-bit parameters with stochastic rounding (default False).
+        backend: ``"auto"`` (Triton for CUDA tensors when available, else PyTorch), ``"torch"`` or
+            ``"triton"``. Also settable with the environment variable ``LOWBIT_ADAMW_BACKEND``.
+        nonfinite: what a gradient with NaN/Inf does. ``"skip"`` (default): that tensor is not
+            updated this step, its parameter and state are left exactly as they were, and a warning
+            names it. ``"raise"``: raise before anything is updated. ``"ignore"``: no check (fastest;
+            NaN then propagates into that tensor's parameter and state, as in torch).
+        fp32_state: parameters, modules or module types whose parameters keep fp32 state
+            (e.g. ``fp32_state=[nn.Embedding]`` with ``model=model``, or ``fp32_state=[model.embed]``).
+        model: the model to search when ``fp32_state`` names module types.
+
+    Param groups may set any of the hyper-parameters above plus ``fp32_state=True`` for the whole group.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        *,
+        block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+        min_8bit_size: int = 4096,
+        bias_correction: bool = True,
+        stochastic_rounding: bool = False,
+        backend: str | None = None,
+        nonfinite: str = "skip",
+        fp32_state: Iterable | None = None,
+        model: nn.Module | None = None,
+    ):
+        backend = backend or os.environ.get("LOWBIT_ADAMW_BACKEND", "auto")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            block_size=block_size,
+            min_8bit_size=min_8bit_size,
+            bias_correction=bias_correction,
+            stochastic_rounding=stochastic_rounding,
+            fp32_state=False,
+        )
+        self._validate_group(defaults)
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self._fp32_forced: set[int] = set()
+        self._plans: dict[tuple, dict] = defaultdict(dict)  # kernel tables per bucket, see kernel_launch
+        super().__init__(params, defaults)
+        if fp32_state is not None:
+            self.force_fp32_state(*fp32_state, model=model)
+
+    # ---- groups and validation ----------------------------------------------------------------
+
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        _check_scalar("lr", group["lr"], 0.0)
+        _check_scalar("eps", group["eps"], 0.0)
+        _check_scalar("weight_decay", group["weight_decay"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_scalar("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_scalar("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        fmt.check_block_size(group["block_size"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            label = self._label(group, i, p)
+            if p.is_complex():
+                raise TypeError(f"{label}: complex parameters are not supported; optimize torch.view_as_real(param) instead")
+            if not p.is_floating_point() or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"{label}: dtype {p.dtype} is not supported (use float32, bfloat16 or float16)")
+        del names
+
+    @staticmethod
+    def _label(group: dict, index: int, p: torch.Tensor) -> str:
+        names = group.get("param_names")
+        if names:
+            return f"parameter '{names[index]}'"
+        return f"parameter {index} of its param group (shape {tuple(p.shape)})"
+
+    def force_fp32_state(self, *items, model: nn.Module | None = None) -> None:
+        """Keep fp32 state for these parameters, modules, or module types (searched in ``model``).
+        Parameters that already have 8-bit state are converted (dequantized) in place."""
+        params: list[torch.Tensor] = []
+        for item in items:
+            if isinstance(item, type) and issubclass(item, nn.Module):
+                if model is None:
+                    raise ValueError(f"fp32_state names the module type {item.__name__}: pass model= to search it")
+                params += [p for mod in model.modules() if isinstance(mod, item) for p in mod.parameters(recurse=False)]
+            elif isinstance(item, nn.Module):
+                params += list(item.parameters())
+            elif isinstance(item, torch.Tensor):
+                params.append(item)
+            else:
+                raise TypeError(f"fp32_state items must be parameters, modules or module types, got {type(item).__name__}")
+        for p in params:
+            self._fp32_forced.add(id(p))
+            state = self.state.get(p)
+            if state and "exp_avg_codes" in state:
+                block_size = self._group_of(p)["block_size"]
+                for name in fmt.QUANTIZED_MOMENTS:
+                    if name + "_codes" in state:
+                        codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
+                        state[name] = fmt.dequantize_blockwise(codes, absmax, fmt.is_signed(name), block_size).view_as(p)
+
+    def _group_of(self, p):
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError("parameter is not in this optimizer")
+
+    def _wants_8bit(self, p: torch.Tensor, group: dict) -> bool:
+        return not group["fp32_state"] and id(p) not in self._fp32_forced and p.numel() >= group["min_8bit_size"]
+
+    def _init_state(self, p: torch.Tensor, group: dict, label: str) -> dict:
+        if not p.is_contiguous():
+            raise ValueError(f"{label} is not contiguous; call .data = param.data.contiguous() before creating the optimizer")
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        names = state_names(group["amsgrad"])
+        if self._wants_8bit(p, group):
+            nb = fmt.num_blocks(p.numel(), group["block_size"])
+            for name in names:
+                zero = fmt.M_ZERO_CODE if fmt.is_signed(name) else fmt.V_ZERO_CODE
+                state[name + "_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+                state[name + "_absmax"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+        else:
+            dtype = torch.float32
+            for name in names:
+                state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    def _check_grad(self, p, g, label):
+        if g.is_sparse:
+            raise RuntimeError(f"{label} has a sparse gradient; AdamW8bit does not support sparse gradients (use nn.Embedding(sparse=False) or torch.optim.SparseAdam)")
+        if g.device != p.device:
+            raise RuntimeError(f"{label} is on {p.device} but its gradient is on {g.device}; move both to one device")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"{label} has dtype {p.dtype} but its gradient has dtype {g.dtype}; gradients must match the parameter dtype")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{label} has shape {tuple(p.shape)} but its gradient has shape {tuple(g.shape)}")
+
+    def _resolve_backend(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if device.type == "cuda":
+            from .kernel_launch import triton_available
+
+            return "triton" if triton_available() else "torch"
+        return "torch"
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def _finite_mask(self, grads: list[torch.Tensor]) -> list[bool]:
+        nonempty = [g for g in grads if g.numel()]
+        if not nonempty:
+            return [True] * len(grads)
+        # One reduction launch for the whole list and one host sync; NaN propagates through the max.
+        finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(nonempty, float("inf")))).tolist())
+        return [next(finite) if g.numel() else True for g in grads]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        sc = StepScalars(
+            lr=float(lr),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+            bias_correction=bool(group["bias_correction"]),
+            stochastic_rounding=bool(group["stochastic_rounding"]),
+        )
+        entries = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            label = self._label(group, i, p)
+            self._check_grad(p, p.grad, label)
+            entries.append((p, p.grad, label))
+        if not entries:
+            return
+        if self.nonfinite != "ignore":
+            by_device = defaultdict(list)
+            for e in entries:
+                by_device[e[0].device].append(e)
+            entries = []
+            for dev_entries in by_device.values():
+                ok = self._finite_mask([e[1] for e in dev_entries])
+                bad = [e[2] for e, fine in zip(dev_entries, ok) if not fine]
+                if bad and self.nonfinite == "raise":
+                    raise FloatingPointError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}")
+                if bad:
+                    warnings.warn(f"AdamW8bit: skipped the update of {', '.join(bad)}: its gradient has NaN or Inf", RuntimeWarning, stacklevel=3)
+                entries += [e for e, fine in zip(dev_entries, ok) if fine]
+
+        buckets: dict[tuple, list] = defaultdict(list)
+        for p, g, label in entries:
+            state = self.state[p]
+            if not state:
+                state = self._init_state(p, group, label)
+            elif sc.amsgrad and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
+                raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
+            kind = "8bit" if "exp_avg_codes" in state else "fp32"
+            buckets[(p.device, p.dtype, kind)].append((p, g, state))
+
+        for (device, _dtype, kind), items in buckets.items():
+            params = [x[0] for x in items]
+            grads = [x[1] for x in items]
+            states = [x[2] for x in items]
+            if kind == "8bit":
+                for s in states:
+                    s["step"] += 1
+                adamw8bit_step(
+                    params, grads, states, sc, block_size=group["block_size"], backend=self._resolve_backend(device),
+                    plan_cache=self._plans[(id(group), device, _dtype)],
+                )
+            else:
+                fp32_state_step(params, grads, states, sc, foreach=group["foreach"], fused=group["fused"])
+
+    # ---- state dict ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["lowbit_adamw"] = {"format_version": fmt.FORMAT_VERSION, "block_size": self.defaults["block_size"]}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by ``state_dict()``. Unlike torch's default, nothing is cast: codes
+        stay uint8 and scales fp32 whatever the parameter dtype; tensors move to the parameter's
+        device and ``step`` stays a float32 CPU tensor."""
+        meta = state_dict.get("lowbit_adamw")
+        if meta is None:
+            raise ValueError(
+                "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry). "
+                "For a torch.optim.AdamW state dict use lowbit_adamw.load_torch_adamw_state_dict(optimizer, sd)"
+            )
+        if meta.get("format_version") != fmt.FORMAT_VERSION:
+            raise ValueError(
+                f"state dict has format version {meta.get('format_version')!r}; this lowbit_adamw reads version "
+                f"{fmt.FORMAT_VERSION}. Convert it with the lowbit_adamw version that wrote it (to_torch_adamw_state_dict)"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
+        id_map = {}
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(f"param group {i}: state dict has {len(saved['params'])} parameters, this optimizer has {len(group['params'])}")
+            if saved.get("block_size") != group["block_size"]:
+                raise ValueError(
+                    f"param group {i}: state dict was saved with block_size={saved.get('block_size')}, this optimizer uses "
+                    f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
+                )
+            for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                id_map[pid] = (p, self._label(group, j, p), group["block_size"])
+
+        new_state = defaultdict(dict)
+        for pid, saved_state in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"state dict has state for parameter id {pid}, which no param group lists")
+            p, label, block_size = id_map[pid]
+            new_state[p] = self._load_param_state(p, saved_state, label, block_size)
+
+        new_groups = []
+        for group, saved in zip(self.param_groups, saved_groups):
+            ng = dict(saved)
+            ng["params"] = group["params"]
+            if "param_names" in group:
+                ng["param_names"] = group["param_names"]
+            for k, v in self.defaults.items():
+                ng.setdefault(k, v)
+            new_groups.append(ng)
+        self.state = new_state
+        self.param_groups = new_groups
+
+    @staticmethod
+    def _load_param_state(p, saved: dict, label: str, block_size: int) -> dict:
+        out = {}
+        for key, value in saved.items():
+            if not isinstance(value, torch.Tensor):
+                out[key] = value
+            elif key == "step":
+                out[key] = value.detach().to(device="cpu", dtype=torch.float32).clone()
+            else:
+                out[key] = value.detach().to(device=p.device, copy=True)  # dtype kept as saved
+        for name in fmt.QUANTIZED_MOMENTS:
+            codes, absmax = out.get(name + "_codes"), out.get(name + "_absmax")
+            if codes is None:
+                continue
+            if codes.dtype != torch.uint8 or absmax is None or absmax.dtype != torch.float32:
+                raise ValueError(f"{label}: {name} must be uint8 codes with float32 absmax in the state dict")
+            if codes.numel() != p.numel() or absmax.numel() != fmt.num_blocks(p.numel(), block_size):
+                raise ValueError(
+                    f"{label}: saved {name} has {codes.numel()} codes / {absmax.numel()} blocks but the parameter has "
+                    f"{p.numel()} elements ({fmt.num_blocks(p.numel(), block_size)} blocks of {block_size})"
+                )
+        for name in fmt.QUANTIZED_MOMENTS:
+            if name in out and out[name].shape != p.shape:
+                raise ValueError(f"{label}: saved {name} has shape {tuple(out[name].shape)}, the parameter {tuple(p.shape)}")
+        return out
