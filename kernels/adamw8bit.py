@@ -42,6 +42,18 @@ def _safe_inverse(a):
 
 
 @triton.jit
+def _round_nearest(x, OUT_DTYPE: tl.constexpr):
+    # fp32 -> OUT_DTYPE, round to nearest even. bf16 is done on the bits: the interpreter's cast
+    # truncates, the GPU's rounds, and the spec says nearest on both.
+    if OUT_DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(OUT_DTYPE)
+
+
+@triton.jit
 def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
     # Round toward zero to the 16-bit dtype, then one unit away from zero with probability equal to
     # the fraction of the gap: same rule as lowbit_adamw.functional.stochastic_round_.
@@ -53,7 +65,7 @@ def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
     hi = (lo_bits + 1).to(OUT_DTYPE, bitcast=True)
     lo32 = tl.abs(lo.to(tl.float32))
     gap = tl.abs(hi.to(tl.float32)) - lo32
-    frac = tl.where(gap > 0, (tl.abs(x) - lo32) / gap, 0.0)
+    frac = (tl.abs(x) - lo32) / tl.where(gap > 0, gap, 1.0)
     r = tl.rand(seed, offsets)
     return tl.where(r < frac, hi, lo)
 
@@ -117,7 +129,7 @@ def adamw8bit_kernel(
         if STOCHASTIC:
             out = _stochastic_round(p, seed + t * 7919, idx.to(tl.int32), p_raw.dtype)
         else:
-            out = p.to(p_raw.dtype)
+            out = _round_nearest(p, p_raw.dtype)
         tl.store(p_base + p_off + idx, out, mask=mask)
 
         # encode m (signed, square-root companding)

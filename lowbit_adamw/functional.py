@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw
 
 from . import format as fmt
 
@@ -203,7 +204,7 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
         if fused is None and foreach is None:
             fused = on_cpu
         fused = bool(fused) and on_cpu
-        torch.optim.adamw.adamw(
+        torch_adamw(
             ps,
             sel(grads),
             [s["exp_avg"] for s in ss],

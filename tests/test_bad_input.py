@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch import nn
+
+from lowbit_adamw import AdamW8bit
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(betas=(1.0, 0.999)), r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+        (dict(betas=0.9), "betas"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(block_size=100), "block_size"),
+        (dict(min_8bit_size=-1), "min_8bit_size"),
+        (dict(backend="cuda"), "backend"),
+        (dict(nonfinite="zero"), "nonfinite"),
+    ],
+)
+def test_invalid_hyper_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW8bit([nn.Parameter(torch.zeros(10))], **kwargs)
+
+
+def test_invalid_group_settings_are_checked_too():
+    opt = AdamW8bit([nn.Parameter(torch.zeros(10))])
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(10))], "lr": -1})
+
+
+def test_sparse_gradient():
+    emb = nn.Embedding(100, 64, sparse=True)
+    opt = AdamW8bit(emb.named_parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="'weight' has a sparse gradient"):
+        opt.step()
+
+
+def test_complex_and_integer_parameters():
+    with pytest.raises(TypeError, match="complex"):
+        AdamW8bit([nn.Parameter(torch.zeros(10, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="dtype"):
+        AdamW8bit([torch.zeros(10, dtype=torch.float64, requires_grad=True)])
+
+
+def test_non_leaf_parameter():
+    x = torch.zeros(10, requires_grad=True) * 2
+    with pytest.raises(ValueError, match="non-leaf"):
+        AdamW8bit([x])
+
+
+def test_non_contiguous_parameter_is_named():
+    p = nn.Parameter(torch.randn(100, 64).t())
+    opt = AdamW8bit([("w", p)])
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="'w' is not contiguous"):
+        opt.step()
+
+
+def test_grad_dtype_mismatch():
+    # torch's grad setter refuses other dtypes and devices; .data swaps get past it, we catch them
+    p = nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("w", p)])
+    p.grad = torch.randn(5000)
+    p.grad.data = torch.randn(5000, dtype=torch.bfloat16)  # torch's setter does not check .data
+    with pytest.raises(RuntimeError, match="'w' has dtype torch.float32 but its gradient has dtype torch.bfloat16"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_that_tensor_only(bad):
+    a = nn.Parameter(torch.randn(5000))
+    b = nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("a", a), ("b", b)])
+    for p in (a, b):
+        p.grad = torch.randn(5000)
+    opt.step()
+    a0 = a.detach().clone()
+    state0 = {k: v.clone() for k, v in opt.state[a].items()}
+    b0 = b.detach().clone()
+    a.grad = torch.randn(5000)
+    a.grad[17] = bad
+    b.grad = torch.randn(5000)
+    with pytest.warns(RuntimeWarning, match="'a'"):
+        opt.step()
+    assert torch.equal(a, a0)
+    assert all(torch.equal(opt.state[a][k], v) for k, v in state0.items())
+    assert not torch.equal(b, b0)
+
+
+def test_nonfinite_raise_mode_changes_nothing():
+    a = nn.Parameter(torch.randn(5000))
+    b = nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("a", a), ("b", b)], nonfinite="raise")
+    a.grad = torch.randn(5000)
+    b.grad = torch.full((5000,), float("nan"))
+    a0 = a.detach().clone()
+    with pytest.raises(FloatingPointError, match="'b'"):
+        opt.step()
+    assert torch.equal(a, a0) and not opt.state[a]

@@ -1,0 +1,161 @@
+"""The Triton kernel (under TRITON_INTERPRET=1 on CPU, compiled on GPU) against the PyTorch step.
+
+Tolerances: both follow the same spec with the same fp32 scalars, but op order/FMA may differ by an
+ulp. So: block absmax within rtol 1e-5, codes equal except where a value sits at a rounding tie (at
+most 1 apart, and rare), fp32 parameters within 1e-6, 16-bit parameters within one ulp of their dtype.
+"""
+import pytest
+import torch
+
+from lowbit_adamw import StepScalars, adamw8bit_step
+from lowbit_adamw import format as fmt
+from lowbit_adamw.functional import state_names
+from lowbit_adamw.kernel_launch import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = [3000, 1, 4097, 0, 77 * 130, 65]  # not block multiples, one element, empty
+BPP = 16  # blocks per program: large programs keep the interpreter fast
+
+
+def make_bucket(sizes, dtype, amsgrad, block):
+    params, grads, states = [], [], []
+    for n in sizes:
+        params.append((torch.randn(n) * 0.5).to(dtype).to(DEVICE))
+        grads.append((torch.randn(n) * torch.rand(n) ** 3).to(dtype).to(DEVICE))
+        st = {"step": torch.tensor(3.0)}
+        for name in state_names(amsgrad):
+            signed = fmt.is_signed(name)
+            x = torch.randn(n) * 0.1 if signed else torch.rand(n) ** 4 * 0.01
+            if n > 10:
+                x[: n // 10] = 0  # some all-zero blocks and exact zeros
+            st[name + "_codes"], st[name + "_absmax"] = fmt.quantize_blockwise(x.to(DEVICE), signed, block)
+        states.append(st)
+    return params, grads, states
+
+
+def clone_bucket(params, grads, states):
+    return [p.clone() for p in params], [g.clone() for g in grads], [{k: v.clone() for k, v in s.items()} for s in states]
+
+
+def assert_close_states(sa, sb, names):
+    for name in names:
+        ca, cb = sa[name + "_codes"].int(), sb[name + "_codes"].int()
+        diff = (ca - cb).abs()
+        assert diff.max().item() <= 1 if diff.numel() else True, name
+        assert (diff > 0).float().mean().item() <= 0.01 if diff.numel() else True, name
+        torch.testing.assert_close(sa[name + "_absmax"], sb[name + "_absmax"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(),
+        dict(amsgrad=True),
+        dict(maximize=True, weight_decay=0.1),
+        dict(bias_correction=False, weight_decay=0.0),
+    ],
+)
+def test_kernel_matches_torch_step(dtype, flags):
+    block = 64
+    sc = StepScalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=flags.get("weight_decay", 0.01),
+                     amsgrad=flags.get("amsgrad", False), maximize=flags.get("maximize", False),
+                     bias_correction=flags.get("bias_correction", True))
+    bucket = make_bucket(SIZES, dtype, sc.amsgrad, block)
+    pa, ga, sa = clone_bucket(*bucket)
+    pb, gb, sb = clone_bucket(*bucket)
+    for _ in range(3):  # several steps: state produced by the kernel is read back by the kernel
+        for s in sa + sb:
+            s["step"] += 1
+        adamw8bit_step(pa, ga, sa, sc, block_size=block, backend="torch")
+        adamw8bit_step(pb, gb, sb, sc, block_size=block, backend="triton", blocks_per_program=BPP)
+    for a, b, x, y in zip(pa, pb, sa, sb):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            ulp = torch.finfo(dtype).eps * a.float().abs().clamp_min(1e-3)
+            assert torch.all((a.float() - b.float()).abs() <= ulp * 1.01)
+        assert_close_states(x, y, state_names(sc.amsgrad))
+
+
+def test_skip_flags_leave_tensors_untouched():
+    from lowbit_adamw.kernel_launch import triton_step_8bit
+
+    sc = StepScalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    params, grads, states = make_bucket([300, 500, 700], torch.float32, False, 64)
+    before = clone_bucket(params, grads, states)
+    skip = torch.tensor([False, True, False], device=DEVICE)
+    triton_step_8bit(params, grads, states, sc, block_size=64, blocks_per_program=BPP, skip=skip)
+    assert torch.equal(params[1], before[0][1])
+    assert all(torch.equal(states[1][k], v) for k, v in before[2][1].items())
+    assert not torch.equal(params[0], before[0][0]) and not torch.equal(params[2], before[0][2])
+
+
+def test_plan_is_cached_and_rebuilt_when_a_tensor_moves():
+    sc = StepScalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    params, grads, states = make_bucket([300, 500], torch.float32, False, 64)
+    cache = {}
+    adamw8bit_step(params, grads, states, sc, block_size=64, backend="triton", blocks_per_program=BPP, plan_cache=cache)
+    plan = next(iter(cache.values()))
+    grads = [g.clone() for g in grads]  # new grad tensors (zero_grad(set_to_none=True)) do not rebuild
+    adamw8bit_step(params, grads, states, sc, block_size=64, backend="triton", blocks_per_program=BPP, plan_cache=cache)
+    assert next(iter(cache.values())) is plan and len(cache) == 1
+    params[0] = params[0].clone()  # a reallocated parameter does
+    adamw8bit_step(params, grads, states, sc, block_size=64, backend="triton", blocks_per_program=BPP, plan_cache=cache)
+    assert next(iter(cache.values())) is not plan and len(cache) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_stochastic_rounding(dtype):
+    n = 20000
+    sc = StepScalars(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, stochastic_rounding=True)
+    sc_nearest = StepScalars(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    p = torch.ones(n, dtype=dtype, device=DEVICE)
+    ref = torch.ones(n, dtype=torch.float32, device=DEVICE)
+    names = state_names(False)
+    st = {"step": torch.tensor(0.0)}
+    st_ref = {"step": torch.tensor(0.0)}
+    for s in (st, st_ref):
+        for name in names:
+            s[name + "_codes"], s[name + "_absmax"] = fmt.quantize_blockwise(torch.zeros(n, device=DEVICE), fmt.is_signed(name), 256)
+    for _ in range(20):
+        g = torch.ones(n, device=DEVICE)
+        st["step"] += 1
+        st_ref["step"] += 1
+        adamw8bit_step([p], [g.to(dtype)], [st], sc, block_size=256, backend="triton", blocks_per_program=BPP)
+        adamw8bit_step([ref], [g], [st_ref], sc_nearest, block_size=256, backend="torch")
+    # round-to-nearest would never move from 1.0; stochastic rounding follows fp32 on average
+    assert abs(p.float().mean().item() - ref.mean().item()) < 2e-4
+    # one more step from the same state: every element is one of the two 16-bit neighbours of fp32
+    start = p.clone()
+    ref = start.float()
+    st_ref = {k: v.clone() for k, v in st.items()}
+    g = torch.randn(n, device=DEVICE).to(dtype)
+    for s in (st, st_ref):
+        s["step"] += 1
+    adamw8bit_step([p], [g], [st], sc, block_size=256, backend="triton", blocks_per_program=BPP)
+    adamw8bit_step([ref], [g.float()], [st_ref], sc_nearest, block_size=256, backend="torch")
+    from lowbit_adamw.functional import _toward_zero
+
+    lo = _toward_zero(ref, dtype)
+    hi = (lo.view(torch.int16) + 1).view(dtype)
+    assert torch.all((p == lo) | (p == hi))
+    assert (p == hi).any() and (p == lo).any()
+
+
+def test_optimizer_uses_kernel_when_forced():
+    from lowbit_adamw import AdamW8bit
+
+    a = torch.nn.Parameter(torch.randn(5000, device=DEVICE))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = AdamW8bit([a], backend="torch")
+    ob = AdamW8bit([b], backend="triton")
+    for _ in range(3):
+        g = torch.randn(5000, device=DEVICE)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert len(ob._plans) == 1
