@@ -1,0 +1,162 @@
+"""``lowbit-adamw`` / ``python -m lowbit_adamw``: the command line.
+
+With no arguments it runs ``train``: a tiny byte-level causal LM trained offline on Python's own
+standard-library source, once with ``torch.optim.AdamW`` and once with ``AdamW8bit`` from the same
+initial weights and the same batches, then a table of losses and optimizer-state memory.
+
+New subcommands register themselves in ``SUBCOMMANDS`` (name -> (help, add_arguments, run)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .optimizer import AdamW8bit
+from .report import optimizer_state_bytes
+from .tinylm import TinyLM, batches, token_splits
+
+OPTIMIZERS = {
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
+    "adamw8bit": lambda params, lr: AdamW8bit(params, lr=lr),
+}
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    except ImportError:  # a plain fallback: one line, rewritten
+        class _Bar:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k=1):
+                self.n += k
+                print(f"\r{desc}: {self.n}/{total}", end="", file=sys.stderr, flush=True)
+
+            def set_postfix(self, **kw):
+                pass
+
+            def close(self):
+                print(file=sys.stderr)
+
+        return _Bar()
+
+
+@torch.no_grad()
+def _held_out_loss(model, tokens, seq_len, batches_n=8):
+    it = batches(tokens, 16, seq_len, seed=1234)
+    return sum(model.loss(*next(it)).item() for _ in range(batches_n)) / batches_n
+
+
+def train_compare(optimizers=("adamw", "adamw8bit"), steps=200, lr=3e-3, batch_size=16, seq_len=128, dim=128,
+                  layers=4, seed=0, progress=True) -> list[dict]:
+    """Train the built-in TinyLM with each optimizer from one init and one batch order."""
+    train_tokens, val_tokens = token_splits()
+    results = []
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+        torch.manual_seed(seed)
+        model = TinyLM(dim=dim, layers=layers, seq_len=seq_len)
+        opt = OPTIMIZERS[name](model.parameters(), lr)
+        data = batches(train_tokens, batch_size, seq_len, seed)
+        bar = _progress(steps, name) if progress else None
+        losses, t0 = [], time.perf_counter()
+        for _ in range(steps):
+            x, y = next(data)
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        n_params = sum(p.numel() for p in model.parameters())
+        state = optimizer_state_bytes(opt)
+        tail = losses[-20:]
+        results.append(
+            dict(
+                optimizer=name,
+                params=n_params,
+                train_loss=sum(tail) / len(tail),
+                held_out_loss=_held_out_loss(model, val_tokens, seq_len),
+                state_bytes=state["total"],
+                state_bytes_per_param=state["total"] / n_params,
+                seconds_per_step=elapsed / steps,
+            )
+        )
+    return results
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = f"{'optimizer':<12}{'train loss':>12}{'held-out':>10}{'state MiB':>11}{'B/param':>9}{'ms/step':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['optimizer']:<12}{r['train_loss']:>12.4f}{r['held_out_loss']:>10.4f}"
+            f"{r['state_bytes'] / 2**20:>11.3f}{r['state_bytes_per_param']:>9.3f}{1000 * r['seconds_per_step']:>9.1f}"
+        )
+    if len(rows) > 1 and rows[0]["state_bytes"]:
+        base = rows[0]
+        for r in rows[1:]:
+            print(f"{r['optimizer']}: {100 * (1 - r['state_bytes'] / base['state_bytes']):.1f}% less optimizer state than "
+                  f"{base['optimizer']}, held-out loss {100 * (r['held_out_loss'] / base['held_out_loss'] - 1):+.2f}%")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--optimizers", default="adamw,adamw8bit", help="comma-separated, from: " + ", ".join(OPTIMIZERS))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_train(args) -> int:
+    rows = train_compare(
+        optimizers=[o.strip() for o in args.optimizers.split(",") if o.strip()], steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, seq_len=args.seq_len, dim=args.dim, layers=args.layers, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"TinyLM on Python stdlib text, {rows[0]['params']:,} parameters, {args.steps} steps, lr {args.lr}")
+    _print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+SUBCOMMANDS = {
+    "train": ("train a tiny LM with AdamW and AdamW8bit side by side (the default)", _add_train_args, _run_train),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="lowbit-adamw", description="AdamW with 8-bit blockwise state.")
+    sub = parser.add_subparsers(dest="command")
+    for name, (help_text, add_args, _) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text))
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["train", *argv]  # no subcommand: the default job
+    args = parser.parse_args(argv)
+    return SUBCOMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
