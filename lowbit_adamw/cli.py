@@ -136,8 +136,14 @@ def _run_train(args) -> int:
     print(f"TinyLM on Python stdlib text, {rows[0]['params']:,} parameters, {args.steps} steps, lr {args.lr}")
     _print_table(rows)
     if args.json:
+        import datetime
+        import platform
+
+        meta = dict(machine=platform.machine(), cpu_threads=torch.get_num_threads(), torch=torch.__version__,
+                    python=platform.python_version(), date=datetime.date.today().isoformat(),
+                    command="python -m lowbit_adamw " + " ".join(sys.argv[1:]))
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(dict(results=rows, **meta), f, indent=2)
     return 0
 
 

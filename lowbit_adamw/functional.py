@@ -46,6 +46,8 @@ class StepScalars:
     def corrections(self, step: float) -> tuple[float, float]:
         """(lr / bc1, 1 / sqrt(bc2)) for a tensor at ``step`` (after incrementing). Computed in
         float64 on the host so both backends use the very same fp32 scalars."""
+        if step < 1:
+            raise ValueError(f"state['step'] is {step}: increment it before calling adamw8bit_step (the first step is 1)")
         if not self.bias_correction:
             return self.lr, 1.0
         bc1 = 1.0 - self.beta1**step

@@ -209,7 +209,12 @@ class AdamW8bit(torch.optim.Optimizer):
         if device.type == "cuda":
             from .kernel_launch import triton_available
 
-            return "triton" if triton_available() else "torch"
+            if triton_available():
+                return "triton"
+            if not getattr(self, "_warned_no_triton", False):
+                self._warned_no_triton = True
+                warnings.warn("AdamW8bit: Triton is not importable, CUDA parameters use the slower PyTorch step "
+                              "(pip install triton)", RuntimeWarning, stacklevel=4)
         return "torch"
 
     # ---- the step ------------------------------------------------------------------------------

@@ -19,9 +19,23 @@ def test_cli_default_subcommand_and_json(tmp_path, capsys):
     assert main(["--steps", "2", "--dim", "32", "--layers", "1", "--seq-len", "32", "--no-progress", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "adamw8bit" in text and "less optimizer state" in text
-    assert len(json.loads(out.read_text())) == 2
+    saved = json.loads(out.read_text())
+    assert len(saved["results"]) == 2 and saved["torch"] == __import__("torch").__version__
 
 
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "lowbit_adamw", "train", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--steps" in r.stdout
+
+
+def test_gpu_kernel_check_script_smoke_runs_under_interpreter(tmp_path):
+    import os
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernel_check.py"
+    out = tmp_path / "r.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["max_code_diff_vs_torch"] <= 1 and res["max_param_diff_vs_torch"] < 1e-2
