@@ -14,7 +14,6 @@ from .functional import StepScalars, adamw8bit_step, fp32_state_step, state_name
 
 _BACKENDS = ("auto", "torch", "triton")
 _NONFINITE = ("skip", "raise", "ignore")
-_TORCH_ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
 def _check_scalar(name, value, low, high=None, high_open=False):
@@ -125,14 +124,12 @@ class AdamW8bit(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_group(group)
-        names = group.get("param_names")
         for i, p in enumerate(group["params"]):
             label = self._label(group, i, p)
             if p.is_complex():
                 raise TypeError(f"{label}: complex parameters are not supported; optimize torch.view_as_real(param) instead")
             if not p.is_floating_point() or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise TypeError(f"{label}: dtype {p.dtype} is not supported (use float32, bfloat16 or float16)")
-        del names
 
     @staticmethod
     def _label(group: dict, index: int, p: torch.Tensor) -> str:
