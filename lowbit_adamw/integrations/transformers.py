@@ -1,0 +1,163 @@
+"""Hugging Face Trainer: use AdamW8bit where a script says ``optim="adamw_8bit"``.
+
+Three routes, from most explicit to least editing:
+
+1. ``Trainer(..., optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model))``: Trainer builds
+   its decay / no-decay groups and hands them to ``AdamW8bit`` with the kwargs below.
+2. ``install()`` once before ``Trainer`` is created: ``optim="adamw_8bit"`` (and ``"adamw_bnb_8bit"``)
+   then build ``AdamW8bit`` instead of bitsandbytes' AdamW8bit. Nothing else in the script changes.
+3. ``python -m lowbit_adamw.integrations.transformers train.py --your --args``: runs an unmodified
+   script with ``install()`` applied.
+
+What "behaves like the built-in choice" means here: the same lr, betas, eps and weight decay from
+``TrainingArguments``, Trainer's own decay / no-decay groups, and Trainer's bitsandbytes embedding
+policy (``nn.Embedding`` weights keep fp32 state; ``embedding_fp32=False`` turns that off).
+``TrainingArguments.optim_args`` may set our own options, e.g. ``optim_args="block_size=128,min_8bit_size=0"``.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from typing import Any
+
+from torch import nn
+
+from ..optimizer import AdamW8bit
+
+# Names Trainer would otherwise send to bitsandbytes' 8-bit AdamW. Paged variants are left alone on
+# purpose: lowbit-adamw does not page state to host memory, so taking them over would change behaviour.
+DEFAULT_OPTIM_NAMES = ("adamw_8bit", "adamw_bnb_8bit")
+
+# optim_args keys we accept and how to parse their string values.
+_OPTIM_ARG_TYPES = {
+    "block_size": int,
+    "min_8bit_size": int,
+    "bias_correction": lambda s: _parse_bool("bias_correction", s),
+    "stochastic_rounding": lambda s: _parse_bool("stochastic_rounding", s),
+    "amsgrad": lambda s: _parse_bool("amsgrad", s),
+    "backend": str,
+    "nonfinite": str,
+}
+
+
+def _parse_bool(name: str, s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"optim_args: {name}={s!r} is not a boolean (use true or false)")
+
+
+def parse_optim_args(optim_args: str | dict | None) -> dict[str, Any]:
+    """Parse ``TrainingArguments.optim_args`` (``"k=v,k=v"``) into AdamW8bit keyword arguments."""
+    if not optim_args:
+        return {}
+    if isinstance(optim_args, str):
+        pairs = {}
+        for item in optim_args.replace(" ", "").split(","):
+            if not item:
+                continue
+            if "=" not in item:
+                raise ValueError(f"optim_args: {item!r} is not key=value")
+            k, v = item.split("=", 1)
+            pairs[k] = v
+    else:
+        pairs = dict(optim_args)
+    out = {}
+    for k, v in pairs.items():
+        if k not in _OPTIM_ARG_TYPES:
+            raise ValueError(f"optim_args: unknown option {k!r} for lowbit_adamw.AdamW8bit; known: {', '.join(sorted(_OPTIM_ARG_TYPES))}")
+        out[k] = _OPTIM_ARG_TYPES[k](v) if isinstance(v, str) else v
+    return out
+
+
+def embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    """Weights of every ``nn.Embedding`` in ``model``: the tensors Trainer keeps in fp32 state for bitsandbytes."""
+    seen, out = set(), []
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def optimizer_cls_and_kwargs(args, model: nn.Module | None = None, *, embedding_fp32: bool = True, **overrides):
+    """``(AdamW8bit, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` from ``TrainingArguments``.
+
+    ``model`` is needed for the embedding policy; without it every large tensor gets 8-bit state.
+    ``overrides`` win over both ``args`` and ``args.optim_args``.
+    """
+    kwargs: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+    }
+    kwargs.update(parse_optim_args(getattr(args, "optim_args", None)))
+    if model is not None and embedding_fp32:
+        kwargs["fp32_state"] = embedding_params(model)
+    kwargs.update(overrides)
+    return AdamW8bit, kwargs
+
+
+_installed: dict[str, Any] = {}
+
+
+def install(optim_names=DEFAULT_OPTIM_NAMES, *, embedding_fp32: bool = True, **overrides) -> None:
+    """Make ``Trainer`` build ``AdamW8bit`` for ``optim`` in ``optim_names``; other names are untouched.
+
+    This wraps ``Trainer.get_optimizer_cls_and_kwargs``, the public static method every Trainer calls
+    from ``create_optimizer``. Call ``uninstall()`` to restore it."""
+    try:
+        from transformers import Trainer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("lowbit_adamw.integrations.transformers needs transformers: pip install 'lowbit-adamw[integrations]'") from e
+    original = Trainer.__dict__.get("get_optimizer_cls_and_kwargs")
+    if not isinstance(original, staticmethod):
+        import transformers
+
+        raise RuntimeError(
+            f"transformers {transformers.__version__}: Trainer.get_optimizer_cls_and_kwargs is no longer a static method, "
+            "so install() cannot route optim names to lowbit-adamw. Pass "
+            "optimizer_cls_and_kwargs=lowbit_adamw.integrations.transformers.optimizer_cls_and_kwargs(args, model) to Trainer instead"
+        )
+    original = _installed.get("original", original)
+    names = {str(getattr(n, "value", n)) for n in optim_names}
+
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        if str(getattr(args.optim, "value", args.optim)) in names:
+            return optimizer_cls_and_kwargs(args, model, embedding_fp32=embedding_fp32, **overrides)
+        return original.__func__(args, model)
+
+    _installed["original"] = original
+    _installed["names"] = names
+    Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+
+def uninstall() -> None:
+    """Undo ``install()``."""
+    if "original" in _installed:
+        from transformers import Trainer
+
+        Trainer.get_optimizer_cls_and_kwargs = _installed.pop("original")
+        _installed.clear()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lowbit_adamw.integrations.transformers script.py [args...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m lowbit_adamw.integrations.transformers SCRIPT.py [script args...]\n"
+              f"Runs SCRIPT with optim names {', '.join(DEFAULT_OPTIM_NAMES)} routed to lowbit_adamw.AdamW8bit.")
+        raise SystemExit(0 if argv else 2)
+    install()
+    sys.argv = argv
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python SCRIPT.py` would
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Shared pieces of the recipes: a tiny Llama built from a config (no download), byte-level
+windows of text that ships with Python, and a one-line memory summary."""
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from lowbit_adamw import optimizer_state_bytes
+from lowbit_adamw.tinylm import token_splits
+
+
+def tiny_llama(seed: int = 0, hidden: int = 128, layers: int = 2, dtype=torch.float32):
+    """A small LlamaForCausalLM over byte tokens (vocab 256), randomly initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def byte_windows(n: int, seq_len: int = 64, held_out: bool = False) -> list[dict]:
+    """``n`` non-overlapping windows of built-in text as causal-LM examples (labels = input_ids)."""
+    train, val = token_splits(max_bytes=400_000)
+    tokens = val if held_out else train
+    if n * seq_len > len(tokens):
+        raise ValueError(f"asked for {n} windows of {seq_len} tokens; the built-in text has {len(tokens)}")
+    return [{"input_ids": tokens[i * seq_len:(i + 1) * seq_len].clone(), "labels": tokens[i * seq_len:(i + 1) * seq_len].clone()}
+            for i in range(n)]
+
+
+def memory_summary(optimizer) -> str:
+    state = optimizer_state_bytes(optimizer)
+    n = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    parts = [f"optimizer state {state['total'] / 2**20:.2f} MiB ({state['total'] / max(n, 1):.2f} B/param over {n:,} params)"]
+    if torch.cuda.is_available():
+        parts.append(f"CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        parts.append(f"process peak RSS {rss / (2**20 if sys.platform == 'darwin' else 2**10):.0f} MiB")
+    return ", ".join(parts)

@@ -1,0 +1,258 @@
+"""HF Trainer, Lightning, GradScaler and config-driven construction. Trainer runs that must not
+share process state (install(), resume) run the recipe in a subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import data, tiny_model
+from lowbit_adamw import AdamW8bit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+
+transformers = pytest.importorskip("transformers")
+
+
+def run_recipe(args, tmp_path, module_runner=False):
+    report = tmp_path / f"report_{len(list(tmp_path.iterdir()))}.json"
+    # -P keeps the repo root off sys.path for -m (our kernels/ would shadow PyPI's "kernels"); a plain
+    # script run puts only recipes/ on it.
+    cmd = [sys.executable] + (["-P", "-m", "lowbit_adamw.integrations.transformers"] if module_runner else [])
+    cmd += [os.path.join(RECIPES, args[0])] + list(args[1:]) + ["--report-out", str(report)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(report.read_text()), out.stdout
+
+
+def training_args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", learning_rate=2e-3,
+                weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def llama():
+    sys.path.insert(0, RECIPES)
+    try:
+        from common import tiny_llama
+    finally:
+        sys.path.remove(RECIPES)
+    return tiny_llama(seed=0, hidden=64)
+
+
+def test_cls_and_kwargs_follow_training_args_and_trainer_groups(tmp_path):
+    from transformers import Trainer
+
+    from lowbit_adamw.integrations.transformers import optimizer_cls_and_kwargs
+
+    model = llama()
+    args = training_args(tmp_path, optim_args="block_size=128, min_8bit_size=1024, stochastic_rounding=true")
+    cls, kw = optimizer_cls_and_kwargs(args, model)
+    assert cls is AdamW8bit
+    assert kw["lr"] == 2e-3 and kw["betas"] == (0.8, 0.99) and kw["eps"] == 1e-7
+    assert kw["block_size"] == 128 and kw["min_8bit_size"] == 1024 and kw["stochastic_rounding"] is True
+    opt = Trainer(model=model, args=args, optimizer_cls_and_kwargs=(cls, kw)).create_optimizer()
+    assert isinstance(opt, AdamW8bit)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    names = dict(model.named_parameters())
+    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+    assert id(names["model.norm.weight"]) in no_decay and id(names["lm_head.weight"]) not in no_decay
+    # Trainer's bitsandbytes embedding policy: fp32 state for nn.Embedding weights, 8-bit for the rest.
+    emb, head = names["model.embed_tokens.weight"], names["lm_head.weight"]
+    assert emb.numel() >= 1024 and not opt._wants_8bit(emb, opt.param_groups[0])
+    assert opt._wants_8bit(head, opt.param_groups[0])
+    _, kw_off = optimizer_cls_and_kwargs(args, model, embedding_fp32=False)
+    assert "fp32_state" not in kw_off
+
+
+def test_optim_args_errors_name_the_option():
+    from lowbit_adamw.integrations.transformers import parse_optim_args
+
+    with pytest.raises(ValueError, match="unknown option 'blocksize'"):
+        parse_optim_args("blocksize=128")
+    with pytest.raises(ValueError, match="stochastic_rounding='maybe' is not a boolean"):
+        parse_optim_args("stochastic_rounding=maybe")
+    assert parse_optim_args(None) == {}
+
+
+def test_install_routes_only_the_8bit_names(tmp_path):
+    from transformers import Trainer
+
+    from lowbit_adamw.integrations import transformers as hf
+
+    model = llama()
+    hf.install()
+    try:
+        assert Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_8bit"), model)[0] is AdamW8bit
+        assert Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_bnb_8bit"), model)[0] is AdamW8bit
+        assert Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_torch"), model)[0] is torch.optim.AdamW
+        opt = Trainer(model=model, args=training_args(tmp_path, optim="adamw_8bit")).create_optimizer()
+        assert isinstance(opt, AdamW8bit) and len(opt.param_groups) == 2
+        hf.install()  # idempotent: a second install must not wrap the wrapper
+    finally:
+        hf.uninstall()
+    cls, _ = Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_8bit"), model)
+    assert cls is not AdamW8bit and "bitsandbytes" in cls.__module__
+
+
+def test_install_fails_loudly_if_transformers_changes(monkeypatch):
+    from transformers import Trainer
+
+    from lowbit_adamw.integrations import transformers as hf
+
+    monkeypatch.setattr(Trainer, "get_optimizer_cls_and_kwargs", lambda self, args, model=None: None)
+    with pytest.raises(RuntimeError, match="no longer a static method.*optimizer_cls_and_kwargs"):
+        hf.install()
+
+
+def test_unmodified_adamw_8bit_script_runs_on_lowbit(tmp_path):
+    report, _ = run_recipe(["hf_trainer_finetune.py", "--route", "plain", "--steps", "3", "--output-dir", str(tmp_path / "o")],
+                           tmp_path, module_runner=True)
+    assert report["optimizer"] == "lowbit_adamw.optimizer.AdamW8bit"
+    assert report["fp32_state_params"][0] == "model.embed_tokens.weight"
+
+
+def test_trainer_resume_in_new_process_matches_uninterrupted_run(tmp_path):
+    out = tmp_path / "run"
+    full, _ = run_recipe(["hf_trainer_finetune.py", "--steps", "6", "--save-steps", "3", "--output-dir", str(out)], tmp_path)
+    # Trainer resumes with torch.load(optimizer.pt, weights_only=True): our state dict must pass that as is.
+    sd = torch.load(out / "checkpoint-3" / "optimizer.pt", map_location="cpu", weights_only=True)
+    assert any(k.endswith("_codes") and v.dtype == torch.uint8 for s in sd["state"].values() for k, v in s.items())
+    resumed, _ = run_recipe(["hf_trainer_finetune.py", "--steps", "6", "--save-steps", "3", "--output-dir", str(tmp_path / "r"),
+                             "--resume", str(out / "checkpoint-3")], tmp_path)
+    assert list(resumed["losses"]) == ["4", "5", "6"]
+    assert resumed["losses"] == {k: full["losses"][k] for k in ("4", "5", "6")}  # exact, not approximate
+
+
+def test_trainer_grad_accumulation_bf16_clipping_cosine(tmp_path):
+    report, stdout = run_recipe(["hf_trainer_finetune.py", "--steps", "4", "--grad-accum", "2", "--bf16", "--route", "install",
+                                 "--output-dir", str(tmp_path / "o")], tmp_path)
+    assert report["optimizer"] == "lowbit_adamw.optimizer.AdamW8bit"
+    assert set(report["steps"].values()) == {4.0}  # one optimizer step per 2 micro-batches
+    losses = [report["losses"][k] for k in ("1", "2", "3", "4")]
+    assert all(l == l and l < 10 for l in losses) and losses[-1] < losses[0]
+    assert "memory: optimizer state" in stdout
+
+
+@pytest.mark.parametrize("recipe,args", [("plain_loop.py", ["--steps", "4", "--amp", "bf16"]), ("peft_lora.py", ["--steps", "4"])])
+def test_recipes_run(recipe, args):
+    if recipe == "peft_lora.py":
+        pytest.importorskip("peft")
+    out = subprocess.run([sys.executable, os.path.join(RECIPES, recipe)] + args, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = [float(line.split("loss")[1].split()[0]) for line in out.stdout.splitlines() if line.startswith("step")]
+    assert losses and all(l == l for l in losses)
+    assert "memory: optimizer state" in out.stdout
+
+
+# ---- Lightning ----------------------------------------------------------------------------------
+
+
+def _lightning_module(L, model, lr):
+    class LitLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.model.loss(x, y)
+
+        def configure_optimizers(self):
+            opt = AdamW8bit(self.parameters(), lr=lr, min_8bit_size=1024)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return LitLM()
+
+
+def test_lightning_step_with_closure_matches_plain_loop():
+    L = pytest.importorskip("lightning")
+    steps, lr = 5, 3e-3
+    it = data(seq_len=32)
+    batches = [next(it) for _ in range(steps)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+
+    lit = _lightning_module(L, tiny_model(seed=1), lr)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lit, loader)
+
+    ref = tiny_model(seed=1)
+    opt = AdamW8bit(ref.parameters(), lr=lr, min_8bit_size=1024)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for x, y in batches:
+        opt.zero_grad()
+        ref.loss(x, y).backward()
+        opt.step()
+        sched.step()
+    lit_opt = trainer.optimizers[0]
+    assert isinstance(lit_opt, AdamW8bit)
+    assert any("exp_avg_codes" in s for s in lit_opt.state.values())
+    for a, b in zip(lit.model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lightning_bf16_mixed_trains():
+    L = pytest.importorskip("lightning")
+    it = data(seq_len=32)
+    loader = torch.utils.data.DataLoader([next(it) for _ in range(4)], batch_size=None)
+    lit = _lightning_module(L, tiny_model(seed=2), 3e-3)
+    before = [p.detach().clone() for p in lit.parameters()]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lit, loader)
+    assert all(not torch.equal(a, b) for a, b in zip(before, lit.parameters()))
+    assert {float(s["step"]) for s in trainer.optimizers[0].state.values()} == {4.0}
+
+
+# ---- GradScaler, zero_grad, config-driven construction ----------------------------------------
+
+
+def test_grad_scaler_unscales_and_skips_on_inf():
+    model, ref = tiny_model(seed=3), tiny_model(seed=3)
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1024)
+    ref_opt = AdamW8bit(ref.parameters(), lr=1e-2, min_8bit_size=1024)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    it = data(seq_len=32)
+    for step in range(3):
+        x, y = next(it)
+        scaler.scale(model.loss(x, y)).backward()
+        ref.loss(x, y).backward()
+        if step == 1:
+            next(model.parameters()).grad[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if step != 1:
+            ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    # The inf step was skipped whole; the others saw exactly unscaled gradients (power-of-two scale).
+    assert scaler.get_scale() == 2.0**11
+    assert {float(s["step"]) for s in opt.state.values()} == {2.0}
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_config_component_instantiation_params_first():
+    """torchtune-style configs call ``_component_(params, **kwargs)`` with YAML types (lists, floats)."""
+    import importlib
+
+    cfg = {"_component_": "lowbit_adamw.AdamW8bit", "lr": 2e-5, "betas": [0.9, 0.95], "weight_decay": 0.01, "block_size": 128}
+    module, _, name = cfg["_component_"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    model = tiny_model()
+    opt = cls(model.parameters(), **{k: v for k, v in cfg.items() if k != "_component_"})
+    x, y = next(data())
+    model.loss(x, y).backward()
+    opt.step()
+    assert opt.param_groups[0]["betas"] == [0.9, 0.95] and opt.param_groups[0]["block_size"] == 128
+    assert all(float(s["step"]) == 1.0 for s in opt.state.values())
