@@ -3,7 +3,7 @@ from .convert import load_torch_adamw_state_dict, to_torch_adamw_state_dict
 from .format import FORMAT_VERSION, dequantize_blockwise, quantize_blockwise
 from .functional import StepScalars, adamw8bit_step
 from .optimizer import AdamW8bit
-from .report import optimizer_state_bytes
+from .memory import optimizer_state_bytes
 
 __all__ = [
     "AdamW8bit",

@@ -16,7 +16,7 @@ import time
 import torch
 
 from .optimizer import AdamW8bit
-from .report import optimizer_state_bytes
+from .memory import optimizer_state_bytes
 from .tinylm import TinyLM, batches, token_splits
 
 OPTIMIZERS = {
@@ -147,7 +147,49 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    from .memory import DEFAULT_OPTIMIZERS, MODEL_CONFIGS, OPTIMIZERS
+
+    p.add_argument("--model", default="llama-2-7b",
+                   help=f"built-in shape ({', '.join(['tinylm', *MODEL_CONFIGS])}) or a path to a config.json (default llama-2-7b)")
+    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma list from: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="weight dtype (default: the model's own)")
+    p.add_argument("--measure", action="store_true", help="also train a few real steps per optimizer and report what was held")
+    p.add_argument("--steps", type=int, default=3, help="steps per optimizer with --measure")
+    p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON")
+    p.add_argument("--png", metavar="PATH", help="write a chart (matplotlib); with --measure also PATH-measured.png")
+
+
+def _run_memory(args) -> int:
+    from . import memory
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    unknown = [n for n in names if n not in memory.OPTIMIZERS]
+    if unknown:
+        print(f"unknown optimizer(s) {', '.join(unknown)}; known: {', '.join(memory.OPTIMIZERS)}", file=sys.stderr)
+        return 2
+    reports = [memory.estimate(args.model, names, dtype=dtype)]
+    print(reports[0].table())
+    if args.measure:
+        reports.append(memory.measure(args.model, names, steps=args.steps, dtype=dtype))
+        print()
+        print(reports[1].table())
+        est, mea = reports
+        worst = max(abs(e.state - m.state) / max(m.state, 1) for e, m in zip(est.rows, mea.rows))
+        print(f"estimate vs measured optimizer state: largest difference {100 * worst:.3f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"reports": [r.to_dict() for r in reports], "command": "lowbit-adamw " + " ".join(sys.argv[1:])}, f, indent=1)
+    if args.png:
+        reports[0].plot(args.png)
+        if args.measure:
+            reports[1].plot(args.png.removesuffix(".png") + "-measured.png")
+    return 0
+
+
 SUBCOMMANDS = {
+    "memory": ("memory report: weights, grads, optimizer state by kind, per optimizer", _add_memory_args, _run_memory),
     "train": ("train a tiny LM with AdamW and AdamW8bit side by side (the default)", _add_train_args, _run_train),
 }
 

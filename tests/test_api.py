@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lowbit_adamw import AdamW8bit
-from lowbit_adamw.report import optimizer_state_bytes
+from lowbit_adamw.memory import optimizer_state_bytes
 
 from helpers import tiny_model, train
 
@@ -133,7 +133,7 @@ def test_min_8bit_size_and_state_bytes_per_param():
     quantized = sum(t.numel() * t.element_size() for k, t in opt.state[big].items() if k != "step")
     assert quantized / big.numel() <= 2.04
     report = optimizer_state_bytes(opt)
-    assert report["fp32"] == 2 * 4 * 4095
+    assert report["full"] == 2 * 4 * 4095
     assert report["codes"] == 2 * 1_000_003
 
 

@@ -161,3 +161,34 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def memory_report_callback(prefix: str | None = None):
+    """A ``TrainerCallback`` that logs optimizer-state MiB and per-step peak MiB with Trainer's own
+    logs, and at the end writes ``<output_dir>/memory_report.json`` and ``.png`` (or ``prefix.*``)."""
+    from transformers import TrainerCallback
+
+    from ..memory import MemoryMonitor
+
+    class MemoryReportCallback(TrainerCallback):
+        def __init__(self):
+            self.monitor = None
+            self.files = None
+
+        def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+            if optimizer is None:
+                raise RuntimeError("memory_report_callback: Trainer passed no optimizer to on_train_begin")
+            self.monitor = MemoryMonitor(optimizer, model=model, name=type(getattr(optimizer, "optimizer", optimizer)).__name__)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.monitor is not None and self.monitor.history and logs is not None and "loss" in logs:
+                last = self.monitor.history[-1]
+                logs["optimizer_state_mib"] = round(last["state_bytes"] / 2**20, 3)
+                logs["peak_mib"] = round(last["peak_bytes"] / 2**20, 1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.monitor is not None and self.monitor.history and state.is_world_process_zero:
+                self.files = self.monitor.write(prefix or os.path.join(args.output_dir, "memory_report"))
+                self.monitor.close()
+
+    return MemoryReportCallback()

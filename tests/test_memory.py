@@ -1,0 +1,172 @@
+"""Memory reports: the estimate must match what each real optimizer holds (within 1%; it is exact
+on these models), on the CPU, for ours and for bitsandbytes and torchao."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from lowbit_adamw import AdamW8bit, memory
+from lowbit_adamw.memory import MemoryMonitor, estimate, measure, optimizer_state_bytes
+
+ALL = list(memory.OPTIMIZERS)
+
+
+def available(names):
+    out = []
+    for n in names:
+        mod = {"bnb_8bit": "bitsandbytes", "torchao_8bit": "torchao.optim"}.get(n)
+        if mod:
+            try:
+                __import__(mod)
+            except Exception:
+                continue
+        out.append(n)
+    return out
+
+
+def _check_agreement(model, dtype=None, batch=None):
+    names = available(ALL)
+    est = estimate(model, names, dtype=dtype)
+    mea = measure(model, names, steps=2, dtype=dtype, batch=batch)
+    for e, m in zip(est.rows, mea.rows):
+        assert e.optimizer == m.optimizer
+        assert abs(e.state - m.state) <= 0.01 * m.state, (e.optimizer, e.state, m.state)
+        for k in ("state_codes", "state_scales", "state_full", "state_other", "weights", "grads"):
+            assert getattr(e, k) == getattr(m, k), (e.optimizer, k)
+    return est, mea
+
+
+def test_estimate_matches_measured_tinylm_fp32():
+    # Awkward sizes on purpose: torchao keeps fp32 state for tensors not divisible by 256.
+    est, mea = _check_agreement(tiny_model(dim=48, layers=2, seq_len=40))
+    assert est.row("adamw").state_full == 8 * est.trainable
+    assert mea.row("lowbit_8bit").activations > 0
+    assert len({r.activations for r in mea.rows}) == 1  # same model, same batch: same activations
+
+
+def test_estimate_matches_measured_llama_bf16():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    est, _ = _check_agreement(model, dtype=torch.bfloat16)
+    assert est.meta["dtype"] == "torch.bfloat16"
+    assert next(model.parameters()).dtype == torch.float32  # the caller's module was not cast
+    # fp32 state for embeddings costs exactly the embedding's 8-bit state swapped for 8 B/element.
+    emb = model.model.embed_tokens.weight.numel()
+    lb, lb32 = est.row("lowbit_8bit"), est.row("lowbit_8bit_emb32")
+    assert lb32.state_full - lb.state_full == 8 * emb
+
+
+def test_meta_estimate_of_a_70b_config_is_free_and_sane():
+    pytest.importorskip("transformers")
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rep = estimate("llama-3-70b", ["adamw", "lowbit_8bit"], dtype=torch.bfloat16)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # < 500 MiB, not 140 GB
+    assert 70.0e9 < rep.params < 71.0e9
+    lb = rep.row("lowbit_8bit")
+    assert 2.03 <= lb.state / rep.trainable <= 2.04
+    assert rep.row("adamw").state_full == 2 * 2 * rep.trainable  # torch keeps bf16 moments for bf16 weights
+    assert lb.weights == lb.grads == 2 * rep.params
+    assert "GiB" in rep.table().splitlines()[0]
+
+
+def test_config_json_path(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    cfg.save_pretrained(tmp_path)
+    rep = estimate(str(tmp_path / "config.json"), ["lowbit_8bit"])
+    assert rep.params == sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    with pytest.raises(ValueError, match="unknown model 'nope'.*config.json"):
+        estimate("nope")
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        estimate(tiny_model(), ["sgd"])
+
+
+def test_state_bytes_counts_kinds_for_our_state():
+    model = tiny_model(dim=64)
+    opt = AdamW8bit(model.parameters(), min_8bit_size=1024)
+    x = torch.randint(0, 256, (2, 33))
+    model.loss(x[:, :-1], x[:, 1:]).backward()
+    opt.step()
+    s = optimizer_state_bytes(opt)
+    big = [p for p in model.parameters() if p.numel() >= 1024]
+    small = [p for p in model.parameters() if p.numel() < 1024]
+    assert s["codes"] == 2 * sum(p.numel() for p in big)
+    assert s["scales"] == 2 * 4 * sum(-(-p.numel() // 256) for p in big)
+    assert s["full"] == 2 * 4 * sum(p.numel() for p in small)
+    assert s["other"] == 4 * len(list(model.parameters()))
+
+
+def test_monitor_in_a_plain_loop_writes_json_and_png(tmp_path):
+    model = tiny_model()
+    opt = AdamW8bit(model.parameters())
+    mon = MemoryMonitor(opt, model=model)
+    x = torch.randint(0, 256, (4, 33))
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+    assert [h["step"] for h in mon.history] == [1, 2, 3]
+    assert all(h["state_bytes"] == optimizer_state_bytes(opt)["total"] for h in mon.history)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert mon.history[-1]["peak_bytes"] == 2 * weights + optimizer_state_bytes(opt)["total"]  # CPU: weights + grads + state
+    js, png = mon.write(str(tmp_path / "mem"))
+    data = json.load(open(js))
+    assert data["mode"] == "measured" and len(data["rows"][0]["history"]) == 3
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    mon.close()
+    opt.step()
+    assert len(mon.history) == 3  # detached
+
+
+def test_trainer_callback_logs_and_writes_report(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from lowbit_adamw.integrations.transformers import memory_report_callback, optimizer_cls_and_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4))
+    ids = torch.randint(0, 256, (16, 32))
+    ds = [{"input_ids": r, "labels": r} for r in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                             report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    cb = memory_report_callback()
+    logged = []
+
+    class Keep(__import__("transformers").TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(dict(logs))
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb, Keep()],
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model))
+    trainer.train()
+    steps = [l for l in logged if "loss" in l]
+    assert len(steps) == 3 and all("optimizer_state_mib" in l and "peak_mib" in l for l in steps)
+    data = json.load(open(tmp_path / "memory_report.json"))
+    assert data["rows"][0]["label"] == "AdamW8bit" and len(data["rows"][0]["history"]) == 3
+    assert os.path.getsize(tmp_path / "memory_report.png") > 1000
+
+
+def test_cli_memory_subcommand(tmp_path):
+    out = subprocess.run([sys.executable, "-P", "-m", "lowbit_adamw", "memory", "--model", "tinylm", "--optimizers",
+                          "adamw,lowbit_8bit,lowbit_8bit_amsgrad", "--measure", "--steps", "1", "--json", str(tmp_path / "m.json"),
+                          "--png", str(tmp_path / "m.png")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "largest difference 0.000%" in out.stdout
+    data = json.load(open(tmp_path / "m.json"))
+    assert [r["mode"] for r in data["reports"]] == ["estimate", "measured"]
+    assert (tmp_path / "m.png").exists() and (tmp_path / "m-measured.png").exists()
+    bad = subprocess.run([sys.executable, "-P", "-m", "lowbit_adamw", "memory", "--optimizers", "sgd"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown optimizer(s) sgd" in bad.stderr
