@@ -30,6 +30,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .sharding import is_dtensor
+
 # Breakdown keys, in the order tables and charts show them.
 STATE_KINDS = ("codes", "scales", "full", "other")
 COLUMNS = ("weights", "grads", "state_codes", "state_scales", "state_full", "state_other", "activations", "offloaded")
@@ -104,7 +106,7 @@ def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     if type(t) is torch.Tensor or type(t) is nn.Parameter or not hasattr(t, "__tensor_flatten__"):
         return [t]
     names, _ = t.__tensor_flatten__()
-    return [leaf for n in names for leaf in _leaf_tensors(getattr(t, n))]
+    return [leaf for n in names if isinstance(getattr(t, n), torch.Tensor) for leaf in _leaf_tensors(getattr(t, n))]
 
 
 def _kind(key: str, leaf: torch.Tensor) -> str:
@@ -125,13 +127,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of every tensor an optimizer holds in its state, by kind: ``codes`` (8-bit), ``scales``
     (block scales), ``full`` (unquantized moments: fp32, or the parameter dtype for torch AdamW on
     16-bit weights), ``other`` (step counters, code tables) and ``total``. A tensor shared by several
-    parameters (bitsandbytes' code tables) counts once."""
+    parameters (bitsandbytes' code tables) counts once; a DTensor counts its local shard (this rank)."""
     out = dict.fromkeys(STATE_KINDS, 0)
     seen = set()
     for state in optimizer.state.values():
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue
+            if is_dtensor(value):  # what this rank holds
+                value = value.to_local()
             for name, leaf in ([(key, value)] if type(value) is torch.Tensor else
                                [(f"{key}.{n}", getattr(value, n)) for n in value.__tensor_flatten__()[0]]):
                 for t in _leaf_tensors(leaf):

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from . import format as fmt
+from . import sharding
 from .functional import StepScalars, adamw8bit_step, fp32_state_step, state_names
 
 _BACKENDS = ("auto", "torch", "triton")
 _NONFINITE = ("skip", "raise", "ignore")
+_VERSION_KEY = "lowbit_format_version"
 
 
 def _check_scalar(name, value, low, high=None, high_open=False):
@@ -161,7 +163,9 @@ class AdamW8bit(torch.optim.Optimizer):
                 for name in fmt.QUANTIZED_MOMENTS:
                     if name + "_codes" in state:
                         codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
-                        state[name] = fmt.dequantize_blockwise(codes, absmax, fmt.is_signed(name), block_size).view_as(p)
+                        full = fmt.dequantize_blockwise(sharding.local(codes).reshape(-1), sharding.local(absmax).reshape(-1),
+                                                        fmt.is_signed(name), block_size)
+                        state[name] = sharding.like(p, full.view_as(sharding.local(p)), p.shape)
 
     def _group_of(self, p):
         for g in self.param_groups:
@@ -170,7 +174,8 @@ class AdamW8bit(torch.optim.Optimizer):
         raise KeyError("parameter is not in this optimizer")
 
     def _wants_8bit(self, p: torch.Tensor, group: dict) -> bool:
-        return not group["fp32_state"] and id(p) not in self._fp32_forced and p.numel() >= group["min_8bit_size"]
+        return (not group["fp32_state"] and id(p) not in self._fp32_forced and p.numel() >= group["min_8bit_size"]
+                and sharding.can_quantize(p, group["block_size"]))
 
     def _init_state(self, p: torch.Tensor, group: dict, label: str) -> dict:
         if not p.is_contiguous():
@@ -179,11 +184,18 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         names = state_names(group["amsgrad"])
         if self._wants_8bit(p, group):
-            nb = fmt.num_blocks(p.numel(), group["block_size"])
+            block = group["block_size"]
             for name in names:
                 zero = fmt.M_ZERO_CODE if fmt.is_signed(name) else fmt.V_ZERO_CODE
-                state[name + "_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
-                state[name + "_absmax"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+                if sharding.is_dtensor(p):  # shaped like the parameter so DCP can reshard it (see sharding.py)
+                    loc = sharding.local(p)
+                    codes = torch.full(loc.shape, zero, dtype=torch.uint8, device=loc.device)
+                    absmax = torch.zeros(loc.shape[0] if loc.dim() else 0, sharding.row_length(p) // block, device=loc.device)
+                    state[name + "_codes"] = sharding.like(p, codes, p.shape)
+                    state[name + "_absmax"] = sharding.like(p, absmax, sharding.absmax_shape(p, block))
+                else:
+                    state[name + "_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+                    state[name + "_absmax"] = torch.zeros(fmt.num_blocks(p.numel(), block), dtype=torch.float32, device=p.device)
         else:
             dtype = torch.float32
             for name in names:
@@ -216,13 +228,14 @@ class AdamW8bit(torch.optim.Optimizer):
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def _finite_mask(self, grads: list[torch.Tensor]) -> list[bool]:
+    def _finite_mask(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[bool]:
+        grads = [sharding.local(g) for g in grads]
         nonempty = [g for g in grads if g.numel()]
-        if not nonempty:
-            return [True] * len(grads)
         # One reduction launch for the whole list and one host sync; NaN propagates through the max.
-        finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(nonempty, float("inf")))).tolist())
-        return [next(finite) if g.numel() else True for g in grads]
+        finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(nonempty, float("inf")))).tolist() if nonempty else [])
+        flags = torch.tensor([next(finite) if g.numel() else True for g in grads], dtype=torch.bool)
+        # Sharded tensors: skip on every rank or on none, or the shards of one parameter would diverge.
+        return sharding.all_ranks_agree_finite(flags, params).tolist()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -263,7 +276,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 by_device[e[0].device].append(e)
             entries = []
             for dev_entries in by_device.values():
-                ok = self._finite_mask([e[1] for e in dev_entries])
+                ok = self._finite_mask([e[0] for e in dev_entries], [e[1] for e in dev_entries])
                 bad = [e[2] for e, fine in zip(dev_entries, ok) if not fine]
                 if bad and self.nonfinite == "raise":
                     raise FloatingPointError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}")
@@ -279,6 +292,11 @@ class AdamW8bit(torch.optim.Optimizer):
             elif sc.amsgrad and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
                 raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
             kind = "8bit" if "exp_avg_codes" in state else "fp32"
+            # The step runs on rank-local tensors; for plain tensors these are the tensors themselves.
+            p, g, state = sharding.local(p), sharding.local(g), sharding.local_state(state)
+            if p.numel() == 0:  # an empty shard: nothing to update, but keep step counts equal on all ranks
+                state["step"] += 1
+                continue
             buckets[(p.device, p.dtype, kind)].append((p, g, state))
 
         for (device, _dtype, kind), items in buckets.items():
@@ -300,6 +318,9 @@ class AdamW8bit(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["lowbit_adamw"] = {"format_version": fmt.FORMAT_VERSION, "block_size": self.defaults["block_size"]}
+        # torch.distributed.checkpoint keeps only "state" and "param_groups": the version rides there too.
+        for g in sd["param_groups"]:
+            g[_VERSION_KEY] = fmt.FORMAT_VERSION
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -307,6 +328,9 @@ class AdamW8bit(torch.optim.Optimizer):
         stay uint8 and scales fp32 whatever the parameter dtype; tensors move to the parameter's
         device and ``step`` stays a float32 CPU tensor."""
         meta = state_dict.get("lowbit_adamw")
+        groups = state_dict.get("param_groups", [])
+        if meta is None and groups and all(_VERSION_KEY in g for g in groups):
+            meta = {"format_version": groups[0][_VERSION_KEY]}
         if meta is None:
             raise ValueError(
                 "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry). "
@@ -342,6 +366,7 @@ class AdamW8bit(torch.optim.Optimizer):
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
             ng = dict(saved)
+            ng.pop(_VERSION_KEY, None)
             ng["params"] = group["params"]
             if "param_names" in group:
                 ng["param_names"] = group["param_names"]
@@ -358,7 +383,7 @@ class AdamW8bit(torch.optim.Optimizer):
             if not isinstance(value, torch.Tensor):
                 out[key] = value
             elif key == "step":
-                out[key] = value.detach().to(device="cpu", dtype=torch.float32).clone()
+                out[key] = sharding.local(value).detach().to(device="cpu", dtype=torch.float32).clone()
             else:
                 out[key] = value.detach().to(device=p.device, copy=True)  # dtype kept as saved
         for name in fmt.QUANTIZED_MOMENTS:
@@ -372,7 +397,18 @@ class AdamW8bit(torch.optim.Optimizer):
                     f"{label}: saved {name} has {codes.numel()} codes / {absmax.numel()} blocks but the parameter has "
                     f"{p.numel()} elements ({fmt.num_blocks(p.numel(), block_size)} blocks of {block_size})"
                 )
+            if sharding.is_dtensor(p):
+                if not sharding.can_quantize(p, block_size):
+                    raise ValueError(f"{label}: saved 8-bit {name}, but this sharded parameter's rows ({sharding.row_length(p)} "
+                                     f"elements) are not whole blocks of {block_size}; load it with force_fp32_state off the mesh")
+                out[name + "_codes"] = sharding.to_param_layout(p, codes, p.shape)
+                out[name + "_absmax"] = sharding.to_param_layout(p, absmax, sharding.absmax_shape(p, block_size))
+            else:  # flat v1 layout; a sharded save's (rows, ...) layout is the same bytes in row-major order
+                out[name + "_codes"] = sharding.to_param_layout(p, codes, None).reshape(-1)
+                out[name + "_absmax"] = sharding.to_param_layout(p, absmax, None).reshape(-1)
         for name in fmt.QUANTIZED_MOMENTS:
-            if name in out and out[name].shape != p.shape:
-                raise ValueError(f"{label}: saved {name} has shape {tuple(out[name].shape)}, the parameter {tuple(p.shape)}")
+            if name in out:
+                if out[name].shape != p.shape:
+                    raise ValueError(f"{label}: saved {name} has shape {tuple(out[name].shape)}, the parameter {tuple(p.shape)}")
+                out[name] = sharding.to_param_layout(p, out[name], p.shape)
         return out
