@@ -2,8 +2,11 @@
 
 ``adamw8bit_step`` takes a bucket of parameters (one device, one dtype) with their gradients and
 state dicts, and updates them in place. ``backend="torch"`` runs the chunked, vectorised PyTorch
-path below (the CPU path and the test oracle); ``backend="triton"`` runs the fused Triton kernel
-(``lowbit_adamw.kernels``) for CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+path below (eager; the test oracle); ``backend="compiled"`` runs the same math as one
+``torch.compile``d function over whole quantization blocks (inductor fuses decode, update and encode
+into one C++ loop nest: the fast CPU path), with the eager code for a tensor's last partial block;
+``backend="triton"`` runs the fused Triton kernel (``lowbit_adamw.kernels``) for CUDA tensors, or
+on CPU tensors under ``TRITON_INTERPRET=1``.
 
 Per element, all in fp32 whatever the parameter dtype (torch.optim.AdamW semantics)::
 
@@ -118,13 +121,124 @@ def _write_param(dst: torch.Tensor, p32: torch.Tensor, stochastic: bool, generat
         dst.copy_(p32)
 
 
-def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator) -> None:
+# ---- the compiled path --------------------------------------------------------------------------
+# The same formulas as _update_chunk and format's _decode_rows/_encode_rows, in the same order, on
+# (rows, block_size) views of whole blocks. Scalars arrive as one fp32 tensor computed in float64 on
+# the host (as the eager path's Python scalars are), so changing lr never recompiles.
+
+COMPILED_CHUNK_ELEMENTS = 1 << 20  # elements per compiled call: large enough to amortise the call
+
+
+def _decode(codes, absmax, signed: bool):
+    a = absmax.unsqueeze(1)
+    if signed:
+        y = (codes.float() - fmt.M_ZERO_CODE) * (1.0 / fmt.M_LEVELS)
+        return y * y.abs() * a
+    y = codes.float() * (1.0 / fmt.V_LEVELS)
+    y = y * y
+    return y * y * a
+
+
+def _encode(x, signed: bool, codes, absmax):
+    a = x.abs().amax(dim=1) if signed else x.amax(dim=1)
+    inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
+    if signed:
+        s = x * inv
+        q = torch.floor(torch.sqrt(s.abs()) * fmt.M_LEVELS + 0.5)
+        q = torch.copysign(q, s) + fmt.M_ZERO_CODE
+    else:
+        q = torch.floor(torch.sqrt(torch.sqrt(x * inv)) * fmt.V_LEVELS + 0.5)
+        q = torch.where((x > 0) & (q == 0), torch.ones_like(q), q)
+    codes.copy_(q.to(torch.uint8))
+    absmax.copy_(a)
+
+
+def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool):
+    """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2)] (fp32)."""
+    g32 = g.float()
+    if maximize:
+        g32 = -g32
+    m = _decode(codes[0], absmax[0], True) * k[1] + g32 * k[2]
+    v = _decode(codes[1], absmax[1], False) * k[3] + g32 * g32 * k[4]
+    vh = v
+    if amsgrad:
+        vh = torch.maximum(_decode(codes[2], absmax[2], False), v)
+    denom = torch.sqrt(vh) * k[7] + k[5]
+    p32 = p.float() * k[0] - k[6] * (m / denom)
+    p.copy_(p32.to(p.dtype))
+    _encode(m, True, codes[0], absmax[0])
+    _encode(v, False, codes[1], absmax[1])
+    if amsgrad:
+        _encode(vh, False, codes[2], absmax[2])
+
+
+_compiled: dict = {}
+
+
+def compiled_available() -> bool:
+    """Whether the compiled CPU step can be used: torch.compile works here and has not failed before."""
+    if "ok" not in _compiled:
+        import shutil
+
+        _compiled["ok"] = hasattr(torch, "compile") and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    return _compiled["ok"]
+
+
+def _compiled_block_step():
+    fn = _compiled.get("fn")
+    if fn is None:
+        fn = _compiled["fn"] = torch.compile(_block_step, dynamic=False, fullgraph=True)
+    return fn
+
+
+def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int) -> int:
+    """Run the compiled step over the whole blocks of a tensor; return where the eager path resumes
+    (the last partial block), or 0 if compiling failed (then everything goes eager from now on)."""
+    n = param.numel()
+    nfull = n // block_size * block_size
+    if nfull == 0:
+        return 0
+    step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
+    k = torch.tensor([1.0 - sc.lr * sc.weight_decay, sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps,
+                      step_size, inv_bc2_sqrt], dtype=torch.float32, device=param.device)
+    names = state_names(sc.amsgrad)
+    flat_p, flat_g = param.view(-1), grad.reshape(-1)
+    fn = _compiled_block_step()
+    for start in range(0, nfull, COMPILED_CHUNK_ELEMENTS):
+        stop = min(start + COMPILED_CHUNK_ELEMENTS, nfull)
+        rows = (stop - start) // block_size
+        b0, b1 = start // block_size, stop // block_size
+        args = (flat_p[start:stop].view(rows, block_size), flat_g[start:stop].view(rows, block_size),
+                [state[nm + "_codes"][start:stop].view(rows, block_size) for nm in names], [state[nm + "_absmax"][b0:b1] for nm in names])
+        # The row count varies from tensor to tensor, the block size does not: one graph per block size.
+        for t in (args[0], args[1], *args[2], *args[3]):
+            torch._dynamo.mark_dynamic(t, 0)
+        try:
+            fn(*args, k, sc.amsgrad, sc.maximize)
+        except Exception as e:  # no working C++ toolchain, an unsupported platform, ...
+            if start:
+                raise  # part of the tensor is already updated: not safe to redo eagerly
+            import warnings
+
+            _compiled["ok"] = False
+            warnings.warn(f"AdamW8bit: torch.compile of the CPU step failed ({type(e).__name__}: {e}); using the eager "
+                          "PyTorch step from now on", RuntimeWarning, stacklevel=4)
+            return 0
+    return nfull
+
+
+def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator,
+                     compiled: bool = False) -> None:
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     names = state_names(sc.amsgrad)
     flat_p = param.view(-1)
     flat_g = grad.reshape(-1)
     n = flat_p.numel()
-    for start in range(0, n, fmt.CHUNK_ELEMENTS):
+    # Stochastic rounding of 16-bit weights needs the eager path's seeded generator.
+    first = 0
+    if compiled and compiled_available() and not (sc.stochastic_rounding and param.dtype != torch.float32):
+        first = _compiled_spans(param, grad, state, sc, block_size)
+    for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
         moments = []
@@ -176,9 +290,9 @@ def adamw8bit_step(
     kernel program (a power of two), and a dict the caller keeps so per-tensor tables are built once."""
     if not params:
         return
-    if backend == "torch":
+    if backend in ("torch", "compiled"):
         for p, g, s in zip(params, grads, states):
-            _torch_step_8bit(p, g, s, scalars, block_size, generator)
+            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled")
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
@@ -187,7 +301,7 @@ def adamw8bit_step(
             plan_cache=plan_cache, generator=generator,
         )
     else:
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be 'torch', 'compiled' or 'triton', got {backend!r}")
 
 
 def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None, generator=None) -> None:

@@ -13,7 +13,7 @@ from . import format as fmt
 from . import sharding
 from .functional import StepScalars, adamw8bit_step, fp32_state_step, state_names
 
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "compiled", "triton")
 _NONFINITE = ("skip", "raise", "ignore")
 _VERSION_KEY = "lowbit_format_version"
 
@@ -43,8 +43,9 @@ class AdamW8bit(torch.optim.Optimizer):
         min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
         bias_correction: apply Adam's bias correction (MLX calls it ``bias_correction``; default True).
         stochastic_rounding: write 16-bit parameters with stochastic rounding (default False).
-        backend: ``"auto"`` (Triton for CUDA tensors when available, else PyTorch), ``"torch"`` or
-            ``"triton"``. Also settable with the environment variable ``LOWBIT_ADAMW_BACKEND``.
+        backend: ``"auto"`` (Triton for CUDA tensors when available; the torch.compile'd step on the
+            CPU when a C++ compiler is found; else eager PyTorch), ``"torch"`` (eager), ``"compiled"``
+            or ``"triton"``. Also settable with the environment variable ``LOWBIT_ADAMW_BACKEND``.
         nonfinite: what a gradient with NaN/Inf does. ``"skip"`` (default): that tensor is not
             updated this step, its parameter and state are left exactly as they were, and a warning
             names it. ``"raise"``: raise before anything is updated. ``"ignore"``: no check (fastest;
@@ -215,6 +216,10 @@ class AdamW8bit(torch.optim.Optimizer):
     def _resolve_backend(self, device: torch.device) -> str:
         if self.backend != "auto":
             return self.backend
+        if device.type == "cpu":
+            from .functional import compiled_available
+
+            return "compiled" if compiled_available() else "torch"
         if device.type == "cuda":
             from .kernel_launch import triton_available
 
@@ -231,8 +236,14 @@ class AdamW8bit(torch.optim.Optimizer):
     def _finite_mask(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[bool]:
         grads = [sharding.local(g) for g in grads]
         nonempty = [g for g in grads if g.numel()]
-        # One reduction launch for the whole list and one host sync; NaN propagates through the max.
-        finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(nonempty, float("inf")))).tolist() if nonempty else [])
+        # min and max of each gradient: NaN propagates through both, +Inf shows in the max and -Inf in
+        # the min. One host sync for the list. (aminmax is about 6x faster on the CPU than
+        # _foreach_norm(inf), which was a third of the whole step.)
+        if nonempty:
+            lo, hi = zip(*(torch.aminmax(g) for g in nonempty))
+            finite = iter((torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack(hi))).tolist())
+        else:
+            finite = iter([])
         flags = torch.tensor([next(finite) if g.numel() else True for g in grads], dtype=torch.bool)
         # Sharded tensors: skip on every rank or on none, or the shards of one parameter would diverge.
         return sharding.all_ranks_agree_finite(flags, params).tolist()
