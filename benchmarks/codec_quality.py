@@ -1,6 +1,6 @@
 """Which code maps? Update error against fp32 AdamW on real gradients, and encode speed.
 
-    python benchmarks/codec_quality.py [--steps 120] [--out benchmarks/results/codec_quality.json]
+    python benchmarks/codec_quality.py [--quick] [--steps 120] [--out benchmarks/results/codec_quality.json]
 
 A TinyLM trains on Python stdlib text with fp32 AdamW. Every codec tracks its own m and v from the same
 gradients (teacher forcing: no trajectory divergence), requantizing after each step, and we compare its
@@ -11,13 +11,11 @@ power companding m = sign(y) y^a, v = y^b rounded in the companded domain; ours 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import time
 
 import torch
 
+from benchlib import save
 from lowbit_adamw import format as fmt
 from lowbit_adamw.tinylm import TinyLM, batches, token_splits
 
@@ -62,8 +60,11 @@ def ours(x, signed):
     return fmt.dequantize_blockwise(c, a, signed, BLOCK).view_as(x)
 
 
+LOWBIT = "lowbit v1 (m sqrt, v 4th root)"
+
+
 def codecs():
-    out = {"lowbit v1 (m sqrt, v 4th root)": ours, "power m^3 / v^6": power_codec(3, 6), "linear m / v^2": power_codec(1, 2)}
+    out = {LOWBIT: ours, "power m^3 / v^6": power_codec(3, 6), "linear m / v^2": power_codec(1, 2)}
     try:
         import bitsandbytes.functional as bf
 
@@ -121,19 +122,18 @@ def encode_speed(n=1 << 24) -> dict[str, float]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--quick", action="store_true", help="40 steps")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.quick:
+        args.steps = 40
     err = update_error(args.steps)
     speed = encode_speed()
     print(f"{'codec':<34}{'update err':>11}{'round trip Melem/s':>20}")
     for k in err:
         print(f"{k:<34}{err[k]:>11.4f}{speed[k]:>20.1f}")
-    result = dict(update_error=err, round_trip_melem_per_s=speed, steps=args.steps, machine=platform.machine(),
-                  cpu_threads=torch.get_num_threads(), torch=torch.__version__, date=datetime.date.today().isoformat(),
-                  command="python benchmarks/codec_quality.py --steps %d" % args.steps)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save(args.out, dict(update_error=err, round_trip_melem_per_s=speed, steps=args.steps,
+                        update_error_vs_bnb=next((err[LOWBIT] / v for k, v in err.items() if k.startswith("bnb")), None)))
 
 
 if __name__ == "__main__":

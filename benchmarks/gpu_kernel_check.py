@@ -85,13 +85,11 @@ def main():
         dst = torch.empty_like(src)
         copy_ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
         step_ms = do_bench(step, warmup=5, rep=50, return_mode="median")
-        peak_before = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
-        del peak_before
         name = torch.cuda.get_device_name()
     else:
         import time

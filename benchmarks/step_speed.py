@@ -2,19 +2,22 @@
 foreach) and bitsandbytes / torchao AdamW8bit when installed. Interleaved rounds, warm-up first,
 medians and ratios to torch fused.
 
-    python benchmarks/step_speed.py [--dim 512 --layers 8 --vocab 32000] [--dtype fp32] [--rounds 7] [--out ...]
+    python benchmarks/step_speed.py --quick                               # about a minute on 2 CPU cores
+    python benchmarks/step_speed.py [--dim 512 --layers 8 --vocab 32000] [--dtype fp32|bf16] [--rounds 7] [--out J --png P]
+    python benchmarks/step_speed.py --set small --count 300 --numel 65536  # many small tensors (launch overhead)
+
+On CUDA it adds FlashOptim's FlashAdamW when installed and reports achieved bandwidth against a
+device-to-device copy measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import time
 
 import torch
 
+from benchlib import machine, pyplot, save
 from lowbit_adamw import AdamW8bit
 
 
@@ -45,7 +48,19 @@ def candidates():
         out["torchao AdamW8bit"] = lambda ps: AoAdamW8bit(ps)
     except Exception:
         pass
+    if torch.cuda.is_available():
+        try:
+            from flashoptim import FlashAdamW
+
+            out["flashoptim FlashAdamW"] = lambda ps: FlashAdamW(ps)
+        except Exception:
+            pass
     return out
+
+
+def many_small(count, numel, dtype, device):
+    """The launch-overhead case: many equal small tensors (e.g. 300 x 64K)."""
+    return [torch.nn.Parameter(torch.randn(numel, device=device, dtype=dtype) * 0.02) for _ in range(count)]
 
 
 def main():
@@ -56,9 +71,16 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", help="comma-separated subset of optimizer names")
+    ap.add_argument("--set", choices=["llama", "small"], default="llama", help="llama-shaped set, or --count tensors of --numel")
+    ap.add_argument("--count", type=int, default=300)
+    ap.add_argument("--numel", type=int, default=65536)
+    ap.add_argument("--quick", action="store_true", help="a smaller llama set (dim 256, 4 layers, vocab 8000) and 3 rounds")
     ap.add_argument("--out")
+    ap.add_argument("--png")
     args = ap.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    if args.quick:
+        args.dim, args.layers, args.vocab, args.rounds = 256, 4, 8000, 3
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cands = candidates()
     if args.only:
@@ -68,7 +90,10 @@ def main():
     runs = {}
     for name, make in cands.items():
         torch.manual_seed(0)
-        ps = llama_params(args.dim, args.layers, args.vocab, int(args.dim * 8 / 3) // 64 * 64, dtype, device)
+        if args.set == "small":
+            ps = many_small(args.count, args.numel, dtype, device)
+        else:
+            ps = llama_params(args.dim, args.layers, args.vocab, int(args.dim * 8 / 3) // 64 * 64, dtype, device)
         for p in ps:
             p.grad = torch.randn_like(p) * 1e-3
         runs[name] = (ps, make(ps))
@@ -86,16 +111,43 @@ def main():
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     base = med.get("torch AdamW fused")
-    print(f"{n / 1e6:.1f}M params in {len(next(iter(runs.values()))[0])} tensors, {args.dtype}, {device}, {torch.get_num_threads()} threads")
+    tensors = len(next(iter(runs.values()))[0])
+    print(f"{n / 1e6:.1f}M params in {tensors} tensors, {args.dtype}, {device}, {torch.get_num_threads()} threads")
     for k, v in med.items():
-        print(f"{k:<22}{v:>10.1f} ms{'' if not base else f'{v / base:>8.2f}x fused':>16}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(median_ms=med, params=n, tensors=len(next(iter(runs.values()))[0]), dtype=args.dtype, device=device,
-                           device_name=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-                           threads=torch.get_num_threads(), torch=torch.__version__, date=datetime.date.today().isoformat(),
-                           command="python benchmarks/step_speed.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v and k != "out")),
-                      f, indent=2)
+        print(f"{k:<24}{v:>10.1f} ms{'' if not base else f'{v / base:>8.2f}x fused':>16}")
+    payload = dict(median_ms=med, ratio_to_torch_fused={k: v / base for k, v in med.items()} if base else {},
+                   params=n, tensors=tensors, dtype=args.dtype, set=args.set)
+    if device == "cuda":
+        # Bytes the 8-bit step must move per parameter: param read+write, grad read, two 1-byte codes
+        # read+write, and the block scales: 16.06 B (fp32 params) / 10.06 B (bf16), against a copy of
+        # the same number of bytes (read + write) measured now.
+        from triton.testing import do_bench
+
+        size = 4 if dtype == torch.float32 else 2
+        bytes_per = 3 * size + 4 + 16 / 256
+        src = torch.empty(int(n * bytes_per / 2), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
+        payload.update(copy_ms=copy_ms, bytes_per_param=bytes_per, copy_GBps=n * bytes_per / copy_ms / 1e6,
+                       lowbit_GBps=n * bytes_per / med["lowbit AdamW8bit"] / 1e6,
+                       lowbit_fraction_of_copy=copy_ms / med["lowbit AdamW8bit"])
+        print(f"lowbit moves {bytes_per:.2f} B/param: {payload['lowbit_GBps']:.0f} GB/s, "
+              f"{100 * payload['lowbit_fraction_of_copy']:.0f}% of a device copy ({payload['copy_GBps']:.0f} GB/s)")
+    save(args.out, payload)
+    if args.png:
+        plt = pyplot()
+        names = list(med)
+        fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
+        ax.barh(names, [med[k] for k in names], color=["#55a868" if "lowbit" in k else "#8fa8d6" for k in names])
+        for y, k in enumerate(names):
+            ax.text(med[k], y, f" {med[k]:.1f} ms" + (f" ({med[k] / base:.2f}x fused)" if base else ""), va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(med.values()) * 1.35)
+        ax.set_xlabel("ms per optimizer step (median)")
+        ax.set_title(f"{n / 1e6:.1f}M params in {tensors} tensors, {args.dtype}, {machine()['device']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        print(f"wrote {args.png}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ tensor; T+1 int32), so the only per-launch tables are O(number of tensors), not 
 Tables (built and cached by ``lowbit_adamw.kernel_launch``):
   ``tensor_table``  int64 [T, 8]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
                     vmax absmax, and numel. Changes only when a tensor is reallocated.
-  ``step_table``    int64 [T, 4]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
-                    flag (non-finite gradient). Uploaded each step (grads are often reallocated).
+  ``step_table``    int64 [T, 5]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
+                    flag (non-finite gradient), fp32 bits of the gradient multiplier (AMP unscale,
+                    loss scale, norm clipping, accumulation mean). Uploaded each step.
 """
 import triton
 import triton.language as tl
+
+STEP_COLS: tl.constexpr = tl.constexpr(5)  # columns of step_table (see above)
 
 
 @triton.jit
@@ -74,13 +77,13 @@ def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
 def adamw8bit_kernel(
     p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base,
     tensor_table, step_table, prog_start, num_tensors,
-    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value, seed,
     BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS)
-    skip = tl.load(step_table + t * 4 + 3)
+    skip = tl.load(step_table + t * STEP_COLS + 3)
     if skip == 0:
         row = tensor_table + t * 8
         p_off = tl.load(row + 0)
@@ -89,9 +92,9 @@ def adamw8bit_kernel(
         vc_off = tl.load(row + 3)
         va_off = tl.load(row + 4)
         numel = tl.load(row + 7)
-        g_off = tl.load(step_table + t * 4 + 0)
-        step_size = tl.load(step_table + t * 4 + 1).to(tl.int32).to(tl.float32, bitcast=True)
-        inv_bc2_sqrt = tl.load(step_table + t * 4 + 2).to(tl.int32).to(tl.float32, bitcast=True)
+        g_off = tl.load(step_table + t * STEP_COLS + 0)
+        step_size = tl.load(step_table + t * STEP_COLS + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        inv_bc2_sqrt = tl.load(step_table + t * STEP_COLS + 2).to(tl.int32).to(tl.float32, bitcast=True)
 
         first_block = (pid - tl.load(prog_start + t)).to(tl.int64) * BPP
         blocks = first_block + tl.arange(0, BPP)
@@ -109,6 +112,9 @@ def adamw8bit_kernel(
         p_raw = tl.load(p_base + p_off + idx, mask=mask, other=0.0)
         p = p_raw.to(tl.float32)
         g = tl.load(g_base + g_off + idx, mask=mask, other=0.0).to(tl.float32)
+        g = g * tl.load(step_table + t * STEP_COLS + 4).to(tl.int32).to(tl.float32, bitcast=True)
+        if CLIP:
+            g = tl.minimum(tl.maximum(g, -clip_value), clip_value)
         if MAXIMIZE:
             g = -g
 
@@ -156,17 +162,18 @@ def adamw8bit_kernel(
 
 def launch_adamw8bit(
     bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars,
-    *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed,
+    *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed, clip_value=float("inf"),
 ):
     """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 8 base tensors
     (p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax); ``scalars`` is
     (decay, beta1, 1-beta1, beta2, 1-beta2, eps) as Python floats (runtime arguments: a schedule never
-    recompiles the kernel)."""
+    recompiles the kernel). ``clip_value`` clamps each (scaled) gradient element; inf turns it off."""
     if num_programs == 0:
         return
     search_steps = max(1, int(num_tensors).bit_length())
     adamw8bit_kernel[(num_programs,)](
-        *bases, tensor_table, step_table, prog_start, num_tensors, *scalars, seed,
+        *bases, tensor_table, step_table, prog_start, num_tensors, *scalars,
+        clip_value if clip_value != float("inf") else 0.0, seed,
         BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=search_steps,
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, STOCHASTIC=stochastic,
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, STOCHASTIC=stochastic, CLIP=clip_value != float("inf"),
     )

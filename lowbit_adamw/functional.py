@@ -10,6 +10,7 @@ on CPU tensors under ``TRITON_INTERPRET=1``.
 
 Per element, all in fp32 whatever the parameter dtype (torch.optim.AdamW semantics)::
 
+    g  = clamp(g * mul, -clip_value, clip_value)  # mul: per-tensor gradient multiplier (1 by default)
     g  = -g if maximize else g
     p  = p * (1 - lr * weight_decay)
     m  = beta1 * m + (1 - beta1) * g
@@ -45,6 +46,7 @@ class StepScalars:
     maximize: bool = False
     bias_correction: bool = True
     stochastic_rounding: bool = False
+    clip_value: float = math.inf  # |g| is clamped to this after the gradient multiplier
 
     def corrections(self, step: float) -> tuple[float, float]:
         """(lr / bc1, 1 / sqrt(bc2)) for a tensor at ``step`` (after incrementing). Computed in
@@ -91,8 +93,12 @@ def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, generator: torch.Gener
 
 # ---- the PyTorch path ---------------------------------------------------------------------------
 
-def _update_chunk(p32, g, m, v, vmax, sc: StepScalars, step_size: float, inv_bc2_sqrt: float):
+def _update_chunk(p32, g, m, v, vmax, sc: StepScalars, step_size: float, inv_bc2_sqrt: float, grad_mul: float = 1.0):
     """In-place AdamW math on fp32 chunk tensors (g may be the caller's fp32 copy, it is scratch)."""
+    if grad_mul != 1.0:
+        g.mul_(grad_mul)
+    if sc.clip_value != math.inf:
+        g.clamp_(-sc.clip_value, sc.clip_value)
     if sc.maximize:
         g.neg_()
     if sc.weight_decay != 0:
@@ -127,6 +133,7 @@ def _write_param(dst: torch.Tensor, p32: torch.Tensor, stochastic: bool, generat
 # the host (as the eager path's Python scalars are), so changing lr never recompiles.
 
 COMPILED_CHUNK_ELEMENTS = 1 << 20  # elements per compiled call: large enough to amortise the call
+RECOMPILE_LIMIT = 128
 
 
 def _decode(codes, absmax, signed: bool):
@@ -153,9 +160,12 @@ def _encode(x, signed: bool, codes, absmax):
     absmax.copy_(a)
 
 
-def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool):
-    """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2)] (fp32)."""
-    g32 = g.float()
+def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool):
+    """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2), grad
+    multiplier, clip value] (fp32)."""
+    g32 = g.float() * k[8]
+    if clip:
+        g32 = torch.minimum(torch.maximum(g32, -k[9]), k[9])
     if maximize:
         g32 = -g32
     m = _decode(codes[0], absmax[0], True) * k[1] + g32 * k[2]
@@ -191,7 +201,7 @@ def _compiled_block_step():
     return fn
 
 
-def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int) -> int:
+def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0) -> int:
     """Run the compiled step over the whole blocks of a tensor; return where the eager path resumes
     (the last partial block), or 0 if compiling failed (then everything goes eager from now on)."""
     n = param.numel()
@@ -200,7 +210,8 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int) -> int
         return 0
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     k = torch.tensor([1.0 - sc.lr * sc.weight_decay, sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps,
-                      step_size, inv_bc2_sqrt], dtype=torch.float32, device=param.device)
+                      step_size, inv_bc2_sqrt, grad_mul, sc.clip_value if sc.clip_value != math.inf else 0.0],
+                     dtype=torch.float32, device=param.device)
     names = state_names(sc.amsgrad)
     flat_p, flat_g = param.view(-1), grad.reshape(-1)
     fn = _compiled_block_step()
@@ -214,7 +225,10 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int) -> int
         for t in (args[0], args[1], *args[2], *args[3]):
             torch._dynamo.mark_dynamic(t, 0)
         try:
-            fn(*args, k, sc.amsgrad, sc.maximize)
+            # One graph per (param dtype, block size, flags): a process that mixes many (the tests do)
+            # would pass dynamo's default of 8 recompiles, so the limit is raised for our calls only.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                fn(*args, k, sc.amsgrad, sc.maximize, sc.clip_value != math.inf)
         except Exception as e:  # no working C++ toolchain, an unsupported platform, ...
             if start:
                 raise  # part of the tensor is already updated: not safe to redo eagerly
@@ -228,7 +242,7 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int) -> int
 
 
 def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator,
-                     compiled: bool = False) -> None:
+                     compiled: bool = False, grad_mul: float = 1.0) -> None:
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     names = state_names(sc.amsgrad)
     flat_p = param.view(-1)
@@ -237,7 +251,7 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
     # Stochastic rounding of 16-bit weights needs the eager path's seeded generator.
     first = 0
     if compiled and compiled_available() and not (sc.stochastic_rounding and param.dtype != torch.float32):
-        first = _compiled_spans(param, grad, state, sc, block_size)
+        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul)
     for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
@@ -251,13 +265,13 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
         p32 = p_chunk if p_chunk.dtype == torch.float32 else p_chunk.float()
         g32 = flat_g[start:stop].to(torch.float32, copy=True)
         vmax = moments[2][3] if sc.amsgrad else None
-        _update_chunk(p32, g32, moments[0][3], moments[1][3], vmax, sc, step_size, inv_bc2_sqrt)
+        _update_chunk(p32, g32, moments[0][3], moments[1][3], vmax, sc, step_size, inv_bc2_sqrt, grad_mul)
         _write_param(p_chunk, p32, sc.stochastic_rounding, generator)
         for name, codes, absmax, buf in moments:
             fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax)
 
 
-def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator) -> None:
+def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator, grad_mul: float = 1.0) -> None:
     """fp32 state for a 16-bit parameter (torch's fused AdamW wants state in the parameter dtype)."""
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     flat_p, flat_g = param.view(-1), grad.reshape(-1)
@@ -267,7 +281,8 @@ def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator) -> No
         sl = slice(start, start + fmt.CHUNK_ELEMENTS)
         p32 = flat_p[sl].float()
         g32 = flat_g[sl].to(torch.float32, copy=True)
-        _update_chunk(p32, g32, m_all[sl], v_all[sl], None if vmax_all is None else vmax_all[sl], sc, step_size, inv_bc2_sqrt)
+        _update_chunk(p32, g32, m_all[sl], v_all[sl], None if vmax_all is None else vmax_all[sl], sc, step_size, inv_bc2_sqrt,
+                      grad_mul)
         _write_param(flat_p[sl], p32, sc.stochastic_rounding, generator)
 
 
@@ -282,31 +297,36 @@ def adamw8bit_step(
     generator: torch.Generator | None = None,
     blocks_per_program: int | None = None,
     plan_cache: dict | None = None,
+    grad_muls: list[float] | None = None,
 ) -> None:
     """Update a bucket of parameters with 8-bit state in place. ``state["step"]`` must already be
-    incremented. All tensors of the bucket share one device and one parameter dtype.
+    incremented. All tensors of the bucket share one device and one parameter dtype. ``grad_muls``
+    (one float per tensor, default 1) multiplies each gradient inside the step.
 
     ``blocks_per_program`` and ``plan_cache`` only concern the Triton backend: quantization blocks per
     kernel program (a power of two), and a dict the caller keeps so per-tensor tables are built once."""
     if not params:
         return
+    muls = [1.0] * len(params) if grad_muls is None else grad_muls
     if backend in ("torch", "compiled"):
-        for p, g, s in zip(params, grads, states):
-            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled")
+        for p, g, s, mul in zip(params, grads, states, muls):
+            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul)
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
         triton_step_8bit(
             params, grads, states, scalars, block_size=block_size, blocks_per_program=blocks_per_program,
-            plan_cache=plan_cache, generator=generator,
+            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls,
         )
     else:
         raise ValueError(f"backend must be 'torch', 'compiled' or 'triton', got {backend!r}")
 
 
-def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None, generator=None) -> None:
+def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None,
+                    generator=None, grad_muls: list[float] | None = None) -> None:
     """Update parameters that keep torch's fp32 exp_avg/exp_avg_sq. fp32 parameters go to torch's
     own fused (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above."""
+    muls = [1.0] * len(params) if grad_muls is None else list(grad_muls)
     # torch's AdamW has no switch for bias correction: without it, everything takes the path below.
     use_torch = lambda p: p.dtype == torch.float32 and scalars.bias_correction  # noqa: E731
     f32 = [i for i, p in enumerate(params) if use_torch(p)]
@@ -314,6 +334,10 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
     if f32:
         sel = lambda xs: [xs[i] for i in f32]  # noqa: E731
         ps, ss = sel(params), sel(states)
+        gs = sel(grads)
+        if any(muls[i] != 1.0 for i in f32) or scalars.clip_value != math.inf:
+            # torch's AdamW has no gradient multiplier or clamp: transform copies (fp32-state tensors are the small ones)
+            gs = [g.mul(muls[i]).clamp_(-scalars.clip_value, scalars.clip_value) for i, g in zip(f32, gs)]
         # Our step counters live on the CPU (as torch's non-fused AdamW keeps them); torch's fused
         # kernel wants them on the parameter's device, so fused is used for CPU parameters only.
         on_cpu = all(p.device.type == "cpu" for p in ps)
@@ -322,7 +346,7 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
         fused = bool(fused) and on_cpu
         torch_adamw(
             ps,
-            sel(grads),
+            gs,
             [s["exp_avg"] for s in ss],
             [s["exp_avg_sq"] for s in ss],
             [s["max_exp_avg_sq"] for s in ss] if scalars.amsgrad else [],
@@ -339,4 +363,4 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
         )
     for i in other:
         states[i]["step"] += 1
-        _torch_step_fp32_state(params[i], grads[i], states[i], scalars, generator)
+        _torch_step_fp32_state(params[i], grads[i], states[i], scalars, generator, muls[i])

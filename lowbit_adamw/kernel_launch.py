@@ -107,6 +107,7 @@ def triton_step_8bit(
     skip: torch.Tensor | None = None,
     plan_cache: dict | None = None,
     generator: torch.Generator | None = None,
+    grad_muls: list[float] | None = None,
 ) -> None:
     """One fused launch over the bucket. ``skip`` (bool per tensor, on the device) leaves chosen
     tensors untouched without a host sync."""
@@ -115,9 +116,11 @@ def triton_step_8bit(
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
+    grad_muls = [1.0] * len(params) if grad_muls is None else list(grad_muls)
     if len(keep) != len(params):
         params, grads, states = [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
         skip = None if skip is None else skip[keep]
+        grad_muls = [grad_muls[i] for i in keep]
     for p in params:
         reason = unsupported_reason(p)
         if reason:
@@ -141,6 +144,7 @@ def triton_step_8bit(
             _float_bits([c[0] for c in corr]),
             _float_bits([c[1] for c in corr]),
             torch.zeros(len(params), dtype=torch.int64),
+            _float_bits(grad_muls),
         ],
         dim=1,
     ).to(params[0].device)
@@ -166,4 +170,5 @@ def triton_step_8bit(
         maximize=sc.maximize,
         stochastic=sc.stochastic_rounding,
         seed=seed,
+        clip_value=sc.clip_value,
     )

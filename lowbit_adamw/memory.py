@@ -293,6 +293,9 @@ class MemoryReport:
             cells.append(f"{r.state / max(self.trainable, 1):12.2f}")
             cells.append(f"{(base.total - r.total) / div:+12.3f}"[:12].rjust(12) if r is not base else "-".rjust(12))
             lines.append(r.label.ljust(width) + "".join(cells))
+        acc = self.meta.get("gradient_accumulation")
+        if acc:
+            lines.append(f"gradient accumulation over {acc['steps']} micro-steps: {acc['extra_bytes']} extra bytes ({acc['where']})")
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
@@ -436,10 +439,18 @@ class MemoryMonitor:
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
         if self._hook is not None:
             self._hook.remove()
-        self._hook = self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.record())
+        self._hook = self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step())
+        self._last_update = getattr(self.optimizer, "_updates", None)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         return self
+
+    def _after_step(self):
+        updates = getattr(self.optimizer, "_updates", None)
+        if updates is not None and updates == self._last_update:
+            return  # an accumulation micro-step (or a skipped step): nothing was updated
+        self._last_update = updates
+        self.record()
 
     def _held(self) -> int:
         params = {id(p): p for g in self.optimizer.param_groups for p in g["params"]}
@@ -473,8 +484,12 @@ class MemoryMonitor:
         if self.history and "allocated_bytes" in self.history[-1]:
             row.phase_peaks = {"max_step_peak": max(h["peak_bytes"] for h in self.history)}
         dev = next(iter(params.values())).device.type if params else "cpu"
+        meta = _meta(dev)
+        steps = getattr(opt, "accumulation_steps", 1)
+        if steps > 1:  # AdamW8bit accumulates in .grad (autograd's own sum): no buffer of its own
+            meta["gradient_accumulation"] = dict(steps=steps, extra_bytes=0, where="in .grad (counted under grads)")
         return MemoryReport(self.name, sum(p.numel() for p in params.values()), sum(p.numel() for p in trainable), "measured",
-                            [row], meta=_meta(dev))
+                            [row], meta=meta)
 
     def write(self, prefix: str) -> tuple[str, str]:
         rep = self.report()

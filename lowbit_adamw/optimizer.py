@@ -1,6 +1,7 @@
 """``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit blockwise codes."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -77,12 +78,21 @@ class AdamW8bit(torch.optim.Optimizer):
         nonfinite: str = "skip",
         fp32_state: Iterable | None = None,
         model: nn.Module | None = None,
+        clip_value: float | None = None,
+        clip_norm: float | None = None,
+        max_grad_norm: float | None = None,
+        loss_scale: float | None = None,
+        accumulation_steps: int = 1,
     ):
         backend = backend or os.environ.get("LOWBIT_ADAMW_BACKEND", "auto")
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if max_grad_norm is not None:
+            _check_scalar("max_grad_norm", max_grad_norm, 0.0)
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
         defaults = dict(
@@ -99,10 +109,18 @@ class AdamW8bit(torch.optim.Optimizer):
             bias_correction=bias_correction,
             stochastic_rounding=stochastic_rounding,
             fp32_state=False,
+            clip_value=clip_value,
+            clip_norm=clip_norm,
+            loss_scale=loss_scale,
         )
         self._validate_group(defaults)
         self.backend = backend
         self.nonfinite = nonfinite
+        self.max_grad_norm = max_grad_norm
+        self.accumulation_steps = accumulation_steps
+        self._calls = 0  # step() calls, for accumulation
+        self._updates = 0  # applied updates, the step a callable lr receives
+        self._accum_grad_ids: dict[int, int] = {}
         self._fp32_forced: set[int] = set()
         self._plans: dict[tuple, dict] = defaultdict(dict)  # kernel tables per bucket, see kernel_launch
         super().__init__(params, defaults)
@@ -113,7 +131,15 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict) -> None:
-        _check_scalar("lr", group["lr"], 0.0)
+        if not callable(group["lr"]):
+            _check_scalar("lr", group["lr"], 0.0)
+        for key in ("clip_value", "clip_norm", "loss_scale"):
+            if group.get(key) is not None:
+                _check_scalar(key, group[key], 0.0)
+        if group.get("loss_scale") is not None and group["loss_scale"] == 0:
+            raise ValueError("loss_scale must be > 0 (gradients are divided by it)")
+        if group.get("clip_value") is not None and group.get("clip_norm") is not None:
+            raise ValueError("clip_value and clip_norm are exclusive (as Keras' clipvalue / clipnorm): set one")
         _check_scalar("eps", group["eps"], 0.0)
         _check_scalar("weight_decay", group["weight_decay"], 0.0)
         betas = group["betas"]
@@ -248,19 +274,73 @@ class AdamW8bit(torch.optim.Optimizer):
         # Sharded tensors: skip on every rank or on none, or the shards of one parameter would diverge.
         return sharding.all_ranks_agree_finite(flags, params).tolist()
 
+    # GradScaler's fused path: it sets ``grad_scale`` and ``found_inf`` on the optimizer instead of
+    # unscaling the gradients itself; the step unscales inside its single pass and skips on inf.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if self.accumulation_steps > 1:
+            if grad_scale is not None:
+                raise RuntimeError("accumulation_steps > 1 with GradScaler: the scale can change between micro-steps. "
+                                   "Accumulate in the training loop instead (call scaler.step every N micro-batches)")
+            self._calls += 1
+            self._check_accumulation()
+            if self._calls % self.accumulation_steps:
+                return loss  # gradients keep accumulating in .grad; zero_grad() waits for the update
+        if found_inf is not None and float(found_inf) != 0.0:
+            return loss  # an inf/NaN somewhere in the scaled gradients: skip the whole step, as torch's fused AdamW
+        base_mul = 1.0 / self.accumulation_steps
+        if grad_scale is not None:
+            base_mul /= float(grad_scale)
+        global_mul = self._global_norm_multiplier(base_mul) if self.max_grad_norm is not None else 1.0
         for group in self.param_groups:
-            self._step_group(group)
+            self._step_group(group, base_mul * global_mul)
+        self._updates += 1
+        self._accum_grad_ids.clear()
         return loss
 
-    def _step_group(self, group: dict) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, except between the micro-steps of ``accumulation_steps``: gradients must keep
+        summing in ``.grad`` until the update, so it does nothing there."""
+        if self.accumulation_steps > 1 and self._calls % self.accumulation_steps:
+            return
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _check_accumulation(self) -> None:
+        # Accumulation lives in .grad; a new .grad object mid-accumulation means something else
+        # (model.zero_grad(), a framework) reset it and the earlier micro-batches are lost.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                seen = self._accum_grad_ids.get(id(p))
+                if seen is not None and seen != id(p.grad):
+                    raise RuntimeError(
+                        "AdamW8bit(accumulation_steps>1): a gradient was reset between micro-steps (model.zero_grad()?). "
+                        "Call optimizer.zero_grad() only (it waits for the update), or accumulate in the training loop"
+                    )
+                self._accum_grad_ids[id(p)] = id(p.grad)
+
+    def _grad_norms(self, grads) -> list[float]:
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        norms = [n.full_tensor() if sharding.is_dtensor(n) else n for n in norms]
+        return torch.stack(norms).tolist() if norms else []  # one host sync
+
+    def _global_norm_multiplier(self, base_mul: float) -> float:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        total = math.sqrt(sum((base_mul * n) ** 2 for n in self._grad_norms(grads)))
+        # torch.nn.utils.clip_grad_norm_'s rule (Keras' global_clipnorm)
+        return min(1.0, self.max_grad_norm / (total + 1e-6))
+
+    def _step_group(self, group: dict, base_mul: float = 1.0) -> None:
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
+        lr = group["lr"](self._updates) if callable(group["lr"]) else group["lr"]  # Keras: a schedule or callable
         sc = StepScalars(
             lr=float(lr),
             beta1=float(beta1),
@@ -271,7 +351,10 @@ class AdamW8bit(torch.optim.Optimizer):
             maximize=bool(group["maximize"]),
             bias_correction=bool(group["bias_correction"]),
             stochastic_rounding=bool(group["stochastic_rounding"]),
+            clip_value=math.inf if group.get("clip_value") is None else float(group["clip_value"]),
         )
+        if group.get("loss_scale") is not None:
+            base_mul = base_mul / float(group["loss_scale"])
         entries = []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -314,15 +397,19 @@ class AdamW8bit(torch.optim.Optimizer):
             params = [x[0] for x in items]
             grads = [x[1] for x in items]
             states = [x[2] for x in items]
+            muls = [base_mul] * len(params)
+            if group.get("clip_norm") is not None:  # Keras' clipnorm: each tensor's norm at most clip_norm
+                c = float(group["clip_norm"])
+                muls = [base_mul * c / max(base_mul * n, c) if n > 0 else base_mul for n in self._grad_norms(grads)]
             if kind == "8bit":
                 for s in states:
                     s["step"] += 1
                 adamw8bit_step(
                     params, grads, states, sc, block_size=group["block_size"], backend=self._resolve_backend(device),
-                    plan_cache=self._plans[(id(group), device, _dtype)],
+                    plan_cache=self._plans[(id(group), device, _dtype)], grad_muls=muls,
                 )
             else:
-                fp32_state_step(params, grads, states, sc, foreach=group["foreach"], fused=group["fused"])
+                fp32_state_step(params, grads, states, sc, foreach=group["foreach"], fused=group["fused"], grad_muls=muls)
 
     # ---- state dict ----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import json
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from common import byte_windows, memory_summary, tiny_llama
+from recipe_utils import byte_windows, memory_summary, tiny_llama
 
 
 class LossLog(TrainerCallback):

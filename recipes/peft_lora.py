@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common import byte_windows, memory_summary, tiny_llama
+from recipe_utils import byte_windows, memory_summary, tiny_llama
 from lowbit_adamw import AdamW8bit
 
 

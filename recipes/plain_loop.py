@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from common import byte_windows, memory_summary, tiny_llama
+from recipe_utils import byte_windows, memory_summary, tiny_llama
 from lowbit_adamw import AdamW8bit
 
 

@@ -41,7 +41,7 @@ def training_args(tmp_path, **kw):
 def llama():
     sys.path.insert(0, RECIPES)
     try:
-        from common import tiny_llama
+        from recipe_utils import tiny_llama
     finally:
         sys.path.remove(RECIPES)
     return tiny_llama(seed=0, hidden=64)

@@ -170,3 +170,18 @@ def test_cli_memory_subcommand(tmp_path):
     assert (tmp_path / "m.png").exists() and (tmp_path / "m-measured.png").exists()
     bad = subprocess.run([sys.executable, "-P", "-m", "lowbit_adamw", "memory", "--optimizers", "sgd"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown optimizer(s) sgd" in bad.stderr
+
+
+def test_report_states_what_gradient_accumulation_costs():
+    model = tiny_model()
+    opt = AdamW8bit(model.parameters(), accumulation_steps=2)
+    mon = MemoryMonitor(opt, model=model)
+    x = torch.randint(0, 256, (2, 33))
+    for _ in range(2):
+        model.loss(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    rep = mon.report()
+    assert rep.meta["gradient_accumulation"]["extra_bytes"] == 0
+    assert "gradient accumulation over 2 micro-steps: 0 extra bytes" in rep.table()
+    assert len(mon.history) == 1  # the hook fires once per real update

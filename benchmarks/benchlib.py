@@ -1,0 +1,38 @@
+"""What every benchmark records about where it ran, and how it saves results and charts."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+
+import torch
+
+
+def machine() -> dict:
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("bitsandbytes", "torchao", "triton", "flashoptim"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    cuda = torch.cuda.is_available()
+    return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+                threads=torch.get_num_threads(), versions=versions, date=datetime.date.today().isoformat(),
+                command="python " + " ".join(sys.argv))
+
+
+def save(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(payload, **machine()), f, indent=1)
+        print(f"wrote {path}")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,198 @@
+"""Keras/MLX-style options (clip_value, clip_norm, max_grad_norm, loss_scale, accumulation_steps,
+callable lr) and GradScaler's fused path. Each is held to a plain implementation of its formula:
+the option applied inside the step must equal feeding the transformed gradient to a plain step,
+on the eager path, the compiled path and the Triton kernel (under the interpreter)."""
+import math
+
+import pytest
+import torch
+
+from lowbit_adamw import AdamW8bit
+from lowbit_adamw import functional as F
+
+SIZES = (256 * 20 + 33, 5000, 300)  # a partial block, and one small tensor kept in fp32 state
+
+
+def backends():
+    out = ["torch"]
+    if F.compiled_available():
+        out.append("compiled")
+    try:
+        from lowbit_adamw.kernel_launch import triton_available
+
+        if triton_available():
+            out.append("triton")
+    except Exception:
+        pass
+    return out
+
+
+def params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n, generator=g)) for n in SIZES]
+
+
+def grad_stream(steps, scale=1.0):
+    g = torch.Generator().manual_seed(7)
+    return [[torch.randn(n, generator=g) * scale * (3.0 if k % 2 else 0.2) for n in SIZES] for k in range(steps)]
+
+
+def assert_same(a, b):
+    for pa, pb in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        assert torch.equal(pa, pb)
+        for key, va in a.state[pa].items():
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, b.state[pb][key]), key
+
+
+def run_pair(backend, option_kw, transform, steps=3, feed=lambda g: g):
+    """Optimizer with the option, fed feed(g); plain optimizer fed transform(g). Must end identical."""
+    a = AdamW8bit(params(), backend=backend, min_8bit_size=1024, **option_kw)
+    b = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
+    for gs in grad_stream(steps):
+        for p, g in zip(a.param_groups[0]["params"], gs):
+            p.grad = feed(g.clone())
+        for p, g in zip(b.param_groups[0]["params"], transform(gs)):
+            p.grad = g.clone()
+        a.step()
+        b.step()
+    return a, b
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_clip_value_is_an_element_clamp(backend):
+    a, b = run_pair(backend, dict(clip_value=0.5), lambda gs: [g.clamp(-0.5, 0.5) for g in gs])
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_loss_scale_divides_the_gradient(backend):
+    a, b = run_pair(backend, dict(loss_scale=1024.0), lambda gs: gs, feed=lambda g: g * 1024.0)
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_clip_norm_per_tensor(backend):
+    c = 5.0
+    a, b = run_pair(backend, dict(clip_norm=c),
+                    lambda gs: [g * (c / max(torch.linalg.vector_norm(g).item(), c)) for g in gs])
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_max_grad_norm_matches_clip_grad_norm_(backend):
+    def clipped(gs):
+        gs = [g.clone() for g in gs]
+        total = math.sqrt(sum(torch.linalg.vector_norm(g).item() ** 2 for g in gs))
+        return [g * min(1.0, 4.0 / (total + 1e-6)) for g in gs]
+
+    a, b = run_pair(backend, dict(max_grad_norm=4.0), clipped)
+    assert_same(a, b)
+    # and against torch's own clip_grad_norm_ (its own summation order: allow the last bits)
+    c = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
+    for gs in grad_stream(3):
+        for p, g in zip(c.param_groups[0]["params"], gs):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(c.param_groups[0]["params"], 4.0)
+        c.step()
+    for pa, pc in zip(a.param_groups[0]["params"], c.param_groups[0]["params"]):
+        torch.testing.assert_close(pa, pc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_accumulation_steps_updates_every_n_calls_with_the_mean(backend):
+    n = 3
+    a = AdamW8bit(params(), backend=backend, min_8bit_size=1024, accumulation_steps=n)
+    b = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
+    stream = grad_stream(2 * n)
+    start = [p.detach().clone() for p in a.param_groups[0]["params"]]
+    for k, gs in enumerate(stream):
+        for p, g in zip(a.param_groups[0]["params"], gs):
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)  # what autograd does without zeroing
+        a.step()
+        a.zero_grad()
+        if k == 0:  # mid-accumulation: nothing moved, nothing zeroed
+            assert all(torch.equal(p, s) for p, s in zip(a.param_groups[0]["params"], start))
+            assert all(p.grad is not None for p in a.param_groups[0]["params"])
+        if k % n == n - 1:
+            window = stream[k - n + 1:k + 1]
+            for i, p in enumerate(b.param_groups[0]["params"]):
+                total = window[0][i].clone()
+                for gs2 in window[1:]:
+                    total.add_(gs2[i])
+                p.grad = total * (1.0 / n)
+            b.step()
+            assert all(p.grad is None for p in a.param_groups[0]["params"])  # zeroed after the update
+    assert_same(a, b)
+    assert {float(s["step"]) for s in a.state.values()} == {2.0}
+
+
+def test_accumulation_detects_a_reset_gradient():
+    a = AdamW8bit(params(), accumulation_steps=2)
+    for p in a.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    a.step()
+    for p in a.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)  # what model.zero_grad() + backward gives: a new .grad
+    with pytest.raises(RuntimeError, match="reset between micro-steps"):
+        a.step()
+
+
+def test_callable_lr_gets_the_update_count():
+    seen = []
+
+    def schedule(step):
+        seen.append(step)
+        return 1e-2 / (1 + step)
+
+    a = AdamW8bit(params(), lr=schedule, min_8bit_size=1024)
+    b = AdamW8bit(params(), lr=1e-2, min_8bit_size=1024)
+    for k, gs in enumerate(grad_stream(3)):
+        for o in (a, b):
+            for p, g in zip(o.param_groups[0]["params"], gs):
+                p.grad = g.clone()
+        b.param_groups[0]["lr"] = 1e-2 / (1 + k)
+        a.step()
+        b.step()
+    assert seen == [0, 1, 2]
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_grad_scaler_fused_path_unscales_inside_and_skips_on_inf(backend):
+    assert AdamW8bit._step_supports_amp_scaling
+    a = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
+    b = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    for k, gs in enumerate(grad_stream(3)):
+        scaler.scale(torch.ones(()))  # what scaler.scale(loss) does each iteration (creates the scale lazily)
+        for p, g in zip(a.param_groups[0]["params"], gs):
+            p.grad = g * scaler.get_scale()  # what backward of a scaled loss gives
+        if k == 1:
+            a.param_groups[0]["params"][0].grad[3] = float("inf")
+        raw = [p.grad.clone() for p in a.param_groups[0]["params"]]
+        scaler.step(a)
+        scaler.update()
+        # The fused path: gradients were not unscaled in place by the scaler.
+        assert all(torch.equal(p.grad, r) for p, r in zip(a.param_groups[0]["params"], raw))
+        if k != 1:
+            for p, g in zip(b.param_groups[0]["params"], gs):
+                p.grad = g.clone()
+            b.step()
+    assert scaler.get_scale() == 2.0**9
+    assert_same(a, b)
+
+
+def test_option_errors_name_the_option():
+    with pytest.raises(ValueError, match="clip_value and clip_norm are exclusive"):
+        AdamW8bit(params(), clip_value=1.0, clip_norm=1.0)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        AdamW8bit(params(), accumulation_steps=0)
+    with pytest.raises(ValueError, match="loss_scale must be > 0"):
+        AdamW8bit(params(), loss_scale=0.0)
+    with pytest.raises(ValueError, match="Invalid clip_norm"):
+        AdamW8bit(params(), clip_norm=-1.0)
+    a = AdamW8bit(params(), accumulation_steps=2)
+    a.grad_scale, a.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match="accumulation_steps > 1 with GradScaler"):
+        a.step()
