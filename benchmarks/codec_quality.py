@@ -100,7 +100,7 @@ def update_error(steps: int, seed: int = 0) -> dict[str, float]:
                 m = b1 * m + (1 - b1) * g
                 v = b2 * v + (1 - b2) * g * g
                 u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-                if t % 10 == 0:
+                if t % 10 == 0 or t == steps:
                     errs[k].append(((u - u32).norm() / u32.norm()).item())
                 state[k][i] = (q(m, True), q(v, False))
         opt.step()
