@@ -14,16 +14,18 @@ tensors. It finds its tensor by a binary search over ``prog_start`` (cumulative 
 tensor; T+1 int32), so the only per-launch tables are O(number of tensors), not O(programs).
 
 Tables (built and cached by ``lowbit_adamw.kernel_launch``):
-  ``tensor_table``  int64 [T, 8]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
-                    vmax absmax, and numel. Changes only when a tensor is reallocated.
+  ``tensor_table``  int64 [T, 9]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
+                    vmax absmax, numel, and the EMA buffer (fp32). Changes only when a tensor is reallocated.
   ``step_table``    int64 [T, 5]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
                     flag (non-finite gradient), fp32 bits of the gradient multiplier (AMP unscale,
-                    loss scale, norm clipping, accumulation mean). Uploaded each step.
+                    loss scale, norm clipping, accumulation mean), fp32 bits of the EMA momentum
+                    (0 on a tensor's first step, so the average starts at the weights). Uploaded each step.
 """
 import triton
 import triton.language as tl
 
-STEP_COLS: tl.constexpr = tl.constexpr(5)  # columns of step_table (see above)
+STEP_COLS: tl.constexpr = tl.constexpr(6)  # columns of step_table (see above)
+TENSOR_COLS: tl.constexpr = tl.constexpr(9)  # columns of tensor_table
 
 
 @triton.jit
@@ -75,17 +77,17 @@ def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
 
 @triton.jit
 def adamw8bit_kernel(
-    p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base,
+    p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base, e_base,
     tensor_table, step_table, prog_start, num_tensors,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value, seed,
     BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, EMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS)
     skip = tl.load(step_table + t * STEP_COLS + 3)
     if skip == 0:
-        row = tensor_table + t * 8
+        row = tensor_table + t * TENSOR_COLS
         p_off = tl.load(row + 0)
         mc_off = tl.load(row + 1)
         ma_off = tl.load(row + 2)
@@ -137,6 +139,11 @@ def adamw8bit_kernel(
         else:
             out = _round_nearest(p, p_raw.dtype)
         tl.store(p_base + p_off + idx, out, mask=mask)
+        if EMA:  # Keras' use_ema: ema = momentum * ema + (1 - momentum) * (the weight as stored)
+            e_off = tl.load(row + 8)
+            mom = tl.load(step_table + t * STEP_COLS + 5).to(tl.int32).to(tl.float32, bitcast=True)
+            ema = tl.load(e_base + e_off + idx, mask=mask, other=0.0)
+            tl.store(e_base + e_off + idx, ema * mom + out.to(tl.float32) * (1.0 - mom), mask=mask)
 
         # encode m (signed, square-root companding)
         am = tl.max(tl.abs(m), axis=1)
@@ -162,10 +169,10 @@ def adamw8bit_kernel(
 
 def launch_adamw8bit(
     bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars,
-    *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed, clip_value=float("inf"),
+    *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed, clip_value=float("inf"), ema=False,
 ):
-    """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 8 base tensors
-    (p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax); ``scalars`` is
+    """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 9 base tensors
+    (p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax, ema); ``scalars`` is
     (decay, beta1, 1-beta1, beta2, 1-beta2, eps) as Python floats (runtime arguments: a schedule never
     recompiles the kernel). ``clip_value`` clamps each (scaled) gradient element; inf turns it off."""
     if num_programs == 0:
@@ -175,5 +182,5 @@ def launch_adamw8bit(
         *bases, tensor_table, step_table, prog_start, num_tensors, *scalars,
         clip_value if clip_value != float("inf") else 0.0, seed,
         BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=search_steps,
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, STOCHASTIC=stochastic, CLIP=clip_value != float("inf"),
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, STOCHASTIC=stochastic, CLIP=clip_value != float("inf"), EMA=ema,
     )

@@ -160,9 +160,9 @@ def _encode(x, signed: bool, codes, absmax):
     absmax.copy_(a)
 
 
-def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool):
+def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool, ema=None):
     """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2), grad
-    multiplier, clip value] (fp32)."""
+    multiplier, clip value, ema momentum, 1 - ema momentum] (fp32)."""
     g32 = g.float() * k[8]
     if clip:
         g32 = torch.minimum(torch.maximum(g32, -k[9]), k[9])
@@ -175,7 +175,10 @@ def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: boo
         vh = torch.maximum(_decode(codes[2], absmax[2], False), v)
     denom = torch.sqrt(vh) * k[7] + k[5]
     p32 = p.float() * k[0] - k[6] * (m / denom)
-    p.copy_(p32.to(p.dtype))
+    p_new = p32.to(p.dtype)
+    p.copy_(p_new)
+    if ema is not None:
+        ema.copy_(ema * k[10] + p_new.float() * k[11])
     _encode(m, True, codes[0], absmax[0])
     _encode(v, False, codes[1], absmax[1])
     if amsgrad:
@@ -201,7 +204,7 @@ def _compiled_block_step():
     return fn
 
 
-def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0) -> int:
+def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0, ema_mom=None) -> int:
     """Run the compiled step over the whole blocks of a tensor; return where the eager path resumes
     (the last partial block), or 0 if compiling failed (then everything goes eager from now on)."""
     n = param.numel()
@@ -210,7 +213,8 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
         return 0
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     k = torch.tensor([1.0 - sc.lr * sc.weight_decay, sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps,
-                      step_size, inv_bc2_sqrt, grad_mul, sc.clip_value if sc.clip_value != math.inf else 0.0],
+                      step_size, inv_bc2_sqrt, grad_mul, sc.clip_value if sc.clip_value != math.inf else 0.0,
+                      ema_mom or 0.0, 1.0 - (ema_mom or 0.0)],
                      dtype=torch.float32, device=param.device)
     names = state_names(sc.amsgrad)
     flat_p, flat_g = param.view(-1), grad.reshape(-1)
@@ -220,15 +224,16 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
         rows = (stop - start) // block_size
         b0, b1 = start // block_size, stop // block_size
         args = (flat_p[start:stop].view(rows, block_size), flat_g[start:stop].view(rows, block_size),
-                [state[nm + "_codes"][start:stop].view(rows, block_size) for nm in names], [state[nm + "_absmax"][b0:b1] for nm in names])
+                [state[nm + "_codes"][start:stop].view(rows, block_size) for nm in names], [state[nm + "_absmax"][b0:b1] for nm in names],
+                None if ema_mom is None else state["ema"].view(-1)[start:stop].view(rows, block_size))
         # The row count varies from tensor to tensor, the block size does not: one graph per block size.
-        for t in (args[0], args[1], *args[2], *args[3]):
+        for t in (args[0], args[1], *args[2], *args[3], *([args[4]] if args[4] is not None else [])):
             torch._dynamo.mark_dynamic(t, 0)
         try:
             # One graph per (param dtype, block size, flags): a process that mixes many (the tests do)
             # would pass dynamo's default of 8 recompiles, so the limit is raised for our calls only.
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                fn(*args, k, sc.amsgrad, sc.maximize, sc.clip_value != math.inf)
+                fn(*args[:4], k, sc.amsgrad, sc.maximize, sc.clip_value != math.inf, args[4])
         except Exception as e:  # no working C++ toolchain, an unsupported platform, ...
             if start:
                 raise  # part of the tensor is already updated: not safe to redo eagerly
@@ -241,8 +246,13 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
     return nfull
 
 
+def _ema_update(ema: torch.Tensor, written: torch.Tensor, mom: float) -> None:
+    """ema = mom * ema + (1 - mom) * (the weight as stored), in fp32."""
+    ema.mul_(mom).add_(written if written.dtype == torch.float32 else written.float(), alpha=1.0 - mom)
+
+
 def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator,
-                     compiled: bool = False, grad_mul: float = 1.0) -> None:
+                     compiled: bool = False, grad_mul: float = 1.0, ema_mom: float | None = None) -> None:
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     names = state_names(sc.amsgrad)
     flat_p = param.view(-1)
@@ -251,7 +261,7 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
     # Stochastic rounding of 16-bit weights needs the eager path's seeded generator.
     first = 0
     if compiled and compiled_available() and not (sc.stochastic_rounding and param.dtype != torch.float32):
-        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul)
+        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom)
     for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
@@ -267,6 +277,8 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
         vmax = moments[2][3] if sc.amsgrad else None
         _update_chunk(p32, g32, moments[0][3], moments[1][3], vmax, sc, step_size, inv_bc2_sqrt, grad_mul)
         _write_param(p_chunk, p32, sc.stochastic_rounding, generator)
+        if ema_mom is not None:
+            _ema_update(state["ema"].view(-1)[start:stop], p_chunk, ema_mom)
         for name, codes, absmax, buf in moments:
             fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax)
 
@@ -298,10 +310,12 @@ def adamw8bit_step(
     blocks_per_program: int | None = None,
     plan_cache: dict | None = None,
     grad_muls: list[float] | None = None,
+    ema_moms: list[float] | None = None,
 ) -> None:
     """Update a bucket of parameters with 8-bit state in place. ``state["step"]`` must already be
     incremented. All tensors of the bucket share one device and one parameter dtype. ``grad_muls``
-    (one float per tensor, default 1) multiplies each gradient inside the step.
+    (one float per tensor, default 1) multiplies each gradient inside the step. ``ema_moms`` (one
+    float per tensor, or None for no EMA) updates ``state["ema"]`` (fp32) from the new weights.
 
     ``blocks_per_program`` and ``plan_cache`` only concern the Triton backend: quantization blocks per
     kernel program (a power of two), and a dict the caller keeps so per-tensor tables are built once."""
@@ -309,21 +323,22 @@ def adamw8bit_step(
         return
     muls = [1.0] * len(params) if grad_muls is None else grad_muls
     if backend in ("torch", "compiled"):
-        for p, g, s, mul in zip(params, grads, states, muls):
-            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul)
+        moms = [None] * len(params) if ema_moms is None else ema_moms
+        for p, g, s, mul, mom in zip(params, grads, states, muls, moms):
+            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul, ema_mom=mom)
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
         triton_step_8bit(
             params, grads, states, scalars, block_size=block_size, blocks_per_program=blocks_per_program,
-            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls,
+            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls, ema_moms=ema_moms,
         )
     else:
         raise ValueError(f"backend must be 'torch', 'compiled' or 'triton', got {backend!r}")
 
 
 def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None,
-                    generator=None, grad_muls: list[float] | None = None) -> None:
+                    generator=None, grad_muls: list[float] | None = None, ema_moms: list[float] | None = None) -> None:
     """Update parameters that keep torch's fp32 exp_avg/exp_avg_sq. fp32 parameters go to torch's
     own fused (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above."""
     muls = [1.0] * len(params) if grad_muls is None else list(grad_muls)
@@ -364,3 +379,6 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
     for i in other:
         states[i]["step"] += 1
         _torch_step_fp32_state(params[i], grads[i], states[i], scalars, generator, muls[i])
+    if ema_moms is not None:
+        for p, s, mom in zip(params, states, ema_moms):
+            _ema_update(s["ema"], p, mom)

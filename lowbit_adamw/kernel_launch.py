@@ -73,8 +73,13 @@ class _Plan:
         while len(bases) < 7:  # no amsgrad: the vmax slots are never read; any tensor of the dtype will do
             bases.append(bases[len(bases) - 2])
             offsets.append([0] * len(params))
+        if "ema" in states[0]:
+            ema_base, ema_offs = _offsets([s["ema"] for s in states])
+        else:  # never read (EMA off): any fp32 tensor will do
+            ema_base, ema_offs = bases[2], [0] * len(params)
         numels = [p.numel() for p in params]
-        table = torch.tensor([list(row) + [n] for row, n in zip(zip(*offsets), numels)], dtype=torch.int64)
+        table = torch.tensor([list(row) + [n, e] for row, n, e in zip(zip(*offsets), numels, ema_offs)], dtype=torch.int64)
+        self.ema_base = ema_base
         progs = [fmt.num_blocks(fmt.num_blocks(n, block_size), bpp) for n in numels]
         starts = [0]
         for c in progs:
@@ -89,6 +94,7 @@ class _Plan:
 def _plan_key(params, states, names, block_size, bpp):
     ptrs = tuple(p.data_ptr() for p in params)
     sptrs = tuple(s[n + x].data_ptr() for s in states for n in names for x in ("_codes", "_absmax"))
+    sptrs += tuple(s["ema"].data_ptr() for s in states if "ema" in s)
     return (ptrs, sptrs, tuple(p.numel() for p in params), params[0].dtype, block_size, bpp, len(names))
 
 
@@ -108,6 +114,7 @@ def triton_step_8bit(
     plan_cache: dict | None = None,
     generator: torch.Generator | None = None,
     grad_muls: list[float] | None = None,
+    ema_moms: list[float] | None = None,
 ) -> None:
     """One fused launch over the bucket. ``skip`` (bool per tensor, on the device) leaves chosen
     tensors untouched without a host sync."""
@@ -121,6 +128,7 @@ def triton_step_8bit(
         params, grads, states = [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
         skip = None if skip is None else skip[keep]
         grad_muls = [grad_muls[i] for i in keep]
+        ema_moms = None if ema_moms is None else [ema_moms[i] for i in keep]
     for p in params:
         reason = unsupported_reason(p)
         if reason:
@@ -145,6 +153,7 @@ def triton_step_8bit(
             _float_bits([c[1] for c in corr]),
             torch.zeros(len(params), dtype=torch.int64),
             _float_bits(grad_muls),
+            _float_bits(ema_moms or [0.0] * len(params)),
         ],
         dim=1,
     ).to(params[0].device)
@@ -157,7 +166,7 @@ def triton_step_8bit(
     b = plan.bases
     scalars = (1.0 - sc.lr * sc.weight_decay, sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps)
     launch_adamw8bit(
-        (b[0], g_base, b[1], b[2], b[3], b[4], b[5], b[6]),
+        (b[0], g_base, b[1], b[2], b[3], b[4], b[5], b[6], plan.ema_base),
         plan.tensor_table,
         step_table,
         plan.prog_start,
@@ -171,4 +180,5 @@ def triton_step_8bit(
         stochastic=sc.stochastic_rounding,
         seed=seed,
         clip_value=sc.clip_value,
+        ema=ema_moms is not None,
     )

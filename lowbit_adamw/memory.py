@@ -33,8 +33,8 @@ from torch import nn
 from .sharding import is_dtensor
 
 # Breakdown keys, in the order tables and charts show them.
-STATE_KINDS = ("codes", "scales", "full", "other")
-COLUMNS = ("weights", "grads", "state_codes", "state_scales", "state_full", "state_other", "activations", "offloaded")
+STATE_KINDS = ("codes", "scales", "full", "other", "ema")
+COLUMNS = ("weights", "grads", "state_codes", "state_scales", "state_full", "state_other", "state_ema", "activations", "offloaded")
 
 # Optimizers the report knows: name -> label. Variants of ours are ordinary AdamW8bit options.
 OPTIMIZERS = {
@@ -110,6 +110,8 @@ def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _kind(key: str, leaf: torch.Tensor) -> str:
+    if key == "ema":
+        return "ema"
     if leaf.dtype in (torch.uint8, torch.int8):
         return "codes"
     if key == "step" or "qmap" in key:
@@ -229,6 +231,7 @@ class MemoryRow:
     state_scales: int = 0
     state_full: int = 0
     state_other: int = 0
+    state_ema: int = 0  # AdamW8bit(ema_decay=...): fp32 averaged weights
     activations: int = 0
     offloaded: int = 0
     phase_peaks: dict = field(default_factory=dict)  # measured on CUDA: forward/backward/step peaks
@@ -236,7 +239,7 @@ class MemoryRow:
 
     @property
     def state(self) -> int:
-        return self.state_codes + self.state_scales + self.state_full + self.state_other
+        return self.state_codes + self.state_scales + self.state_full + self.state_other + self.state_ema
 
     @property
     def total(self) -> int:
@@ -275,6 +278,9 @@ class MemoryReport:
         big = max(r.total for r in self.rows) >= 2**30
         unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
         cols = ["weights", "grads", "state", "  codes", "  scales", "  full", "  other"]
+        has_ema = any(r.state_ema for r in self.rows)
+        if has_ema:
+            cols.append("  ema")
         has_act = any(r.activations for r in self.rows)
         if has_act:
             cols.append("activations")
@@ -286,6 +292,8 @@ class MemoryReport:
         lines.append("optimizer".ljust(width) + "".join(c.rjust(12) for c in cols))
         for r in self.rows:
             vals = [r.weights, r.grads, r.state, r.state_codes, r.state_scales, r.state_full, r.state_other]
+            if has_ema:
+                vals.append(r.state_ema)
             if has_act:
                 vals.append(r.activations)
             vals.append(r.total)
@@ -311,7 +319,7 @@ class MemoryReport:
         big = max(r.total for r in self.rows) >= 2**30
         unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
         parts = [("weights", "#4c72b0"), ("grads", "#8fa8d6"), ("state_full", "#dd8452"), ("state_codes", "#55a868"),
-                 ("state_scales", "#a6d49f"), ("state_other", "#bbbbbb"), ("activations", "#c44e52"), ("offloaded", "#8172b3")]
+                 ("state_scales", "#a6d49f"), ("state_other", "#bbbbbb"), ("state_ema", "#937860"), ("activations", "#c44e52"), ("offloaded", "#8172b3")]
         labels = [r.label for r in self.rows]
         left = [0.0] * len(self.rows)
         for key, color in parts:
@@ -369,7 +377,7 @@ def estimate(model: str | nn.Module, optimizers: Iterable[str] = DEFAULT_OPTIMIZ
     for name in optimizers:
         st = estimate_state_bytes(name, specs)
         rows.append(MemoryRow(name, OPTIMIZERS[name], weights=weights, grads=grads, state_codes=st["codes"],
-                              state_scales=st["scales"], state_full=st["full"], state_other=st["other"]))
+                              state_scales=st["scales"], state_full=st["full"], state_other=st["other"], state_ema=st["ema"]))
     some = next(iter(everything.values()))
     return MemoryReport(_model_name(model), sum(p.numel() for p in everything.values()), sum(s.meta.numel() for s in specs),
                         "estimate", rows, meta=dict(dtype=str(dtype or some.dtype)))
@@ -480,7 +488,8 @@ class MemoryMonitor:
         trainable = [p for g in opt.param_groups for p in g["params"]]
         row = MemoryRow(self.name, type(opt).__name__, weights=sum(_tensor_bytes(p) for p in params.values()),
                         grads=sum(_tensor_bytes(p) for p in trainable if p.requires_grad), state_codes=s["codes"],
-                        state_scales=s["scales"], state_full=s["full"], state_other=s["other"], history=list(self.history))
+                        state_scales=s["scales"], state_full=s["full"], state_other=s["other"], state_ema=s["ema"],
+                        history=list(self.history))
         if self.history and "allocated_bytes" in self.history[-1]:
             row.phase_peaks = {"max_step_peak": max(h["peak_bytes"] for h in self.history)}
         dev = next(iter(params.values())).device.type if params else "cpu"

@@ -83,6 +83,8 @@ class AdamW8bit(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         loss_scale: float | None = None,
         accumulation_steps: int = 1,
+        ema_decay: float | None = None,
+        ema_overwrite_frequency: int | None = None,
     ):
         backend = backend or os.environ.get("LOWBIT_ADAMW_BACKEND", "auto")
         if backend not in _BACKENDS:
@@ -93,6 +95,11 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         if max_grad_norm is not None:
             _check_scalar("max_grad_norm", max_grad_norm, 0.0)
+        if ema_decay is not None:
+            _check_scalar("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
+        if ema_overwrite_frequency is not None and (ema_decay is None or not isinstance(ema_overwrite_frequency, int)
+                                                    or ema_overwrite_frequency < 1):
+            raise ValueError("ema_overwrite_frequency needs ema_decay and must be an int >= 1")
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
         defaults = dict(
@@ -118,6 +125,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
         self.accumulation_steps = accumulation_steps
+        self.ema_decay = ema_decay
+        self.ema_overwrite_frequency = ema_overwrite_frequency
         self._calls = 0  # step() calls, for accumulation
         self._updates = 0  # applied updates, the step a callable lr receives
         self._accum_grad_ids: dict[int, int] = {}
@@ -227,6 +236,8 @@ class AdamW8bit(torch.optim.Optimizer):
             dtype = torch.float32
             for name in names:
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if self.ema_decay is not None:
+            state["ema"] = p.detach().to(torch.float32, copy=True)  # fp32: 16-bit weights would stall a slow average
         return state
 
     def _check_grad(self, p, g, label):
@@ -303,7 +314,21 @@ class AdamW8bit(torch.optim.Optimizer):
             self._step_group(group, base_mul * global_mul)
         self._updates += 1
         self._accum_grad_ids.clear()
+        if self.ema_overwrite_frequency and self._updates % self.ema_overwrite_frequency == 0:
+            self.copy_ema_to_params()
         return loss
+
+    @torch.no_grad()
+    def copy_ema_to_params(self) -> None:
+        """Write the EMA weights into the parameters (Keras: ``finalize_variable_values`` at the end
+        of training, or every ``ema_overwrite_frequency`` updates)."""
+        if self.ema_decay is None:
+            raise RuntimeError("copy_ema_to_params: this optimizer was created without ema_decay")
+        for group in self.param_groups:
+            for p in group["params"]:
+                ema = self.state.get(p, {}).get("ema")
+                if ema is not None:
+                    p.copy_(ema)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except between the micro-steps of ``accumulation_steps``: gradients must keep
@@ -385,6 +410,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self._init_state(p, group, label)
             elif sc.amsgrad and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
                 raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
+            if self.ema_decay is not None and "ema" not in state:  # e.g. resumed from a checkpoint saved without EMA
+                state["ema"] = p.detach().to(torch.float32, copy=True)
             kind = "8bit" if "exp_avg_codes" in state else "fp32"
             # The step runs on rank-local tensors; for plain tensors these are the tensors themselves.
             p, g, state = sharding.local(p), sharding.local(g), sharding.local_state(state)
@@ -398,6 +425,9 @@ class AdamW8bit(torch.optim.Optimizer):
             grads = [x[1] for x in items]
             states = [x[2] for x in items]
             muls = [base_mul] * len(params)
+            moms = None
+            if self.ema_decay is not None:  # Keras: the first update copies the weights into the average
+                moms = [0.0 if float(s["step"]) == 0 else float(self.ema_decay) for s in states]
             if group.get("clip_norm") is not None:  # Keras' clipnorm: each tensor's norm at most clip_norm
                 c = float(group["clip_norm"])
                 muls = [base_mul * c / max(base_mul * n, c) if n > 0 else base_mul for n in self._grad_norms(grads)]
@@ -406,10 +436,11 @@ class AdamW8bit(torch.optim.Optimizer):
                     s["step"] += 1
                 adamw8bit_step(
                     params, grads, states, sc, block_size=group["block_size"], backend=self._resolve_backend(device),
-                    plan_cache=self._plans[(id(group), device, _dtype)], grad_muls=muls,
+                    plan_cache=self._plans[(id(group), device, _dtype)], grad_muls=muls, ema_moms=moms,
                 )
             else:
-                fp32_state_step(params, grads, states, sc, foreach=group["foreach"], fused=group["fused"], grad_muls=muls)
+                fp32_state_step(params, grads, states, sc, foreach=group["foreach"], fused=group["fused"], grad_muls=muls,
+                                ema_moms=moms)
 
     # ---- state dict ----------------------------------------------------------------------------
 
