@@ -535,7 +535,7 @@ class AdamW8bit(torch.optim.Optimizer):
             else:  # flat v1 layout; a sharded save's (rows, ...) layout is the same bytes in row-major order
                 out[name + "_codes"] = sharding.to_param_layout(p, codes, None).reshape(-1)
                 out[name + "_absmax"] = sharding.to_param_layout(p, absmax, None).reshape(-1)
-        for name in fmt.QUANTIZED_MOMENTS:
+        for name in (*fmt.QUANTIZED_MOMENTS, "ema"):  # full-precision tensors shaped like the parameter
             if name in out:
                 if out[name].shape != p.shape:
                     raise ValueError(f"{label}: saved {name} has shape {tuple(out[name].shape)}, the parameter {tuple(p.shape)}")

@@ -13,7 +13,7 @@ from helpers import data, tiny_model
 from lowbit_adamw import AdamW8bit
 from lowbit_adamw import format as fmt
 
-OPT_KW = dict(lr=3e-3, block_size=64, min_8bit_size=1024, weight_decay=0.1)
+OPT_KW = dict(lr=3e-3, block_size=64, min_8bit_size=1024, weight_decay=0.1, ema_decay=0.9)  # EMA: one more sharded state
 BATCH = 8
 
 
@@ -74,7 +74,8 @@ def full_state(model, opt):
         assert p is group_p
         s = opt.state[p]
         full = lambda t: t.full_tensor() if is_dtensor(t) else t  # noqa: E731
-        entry = {"param": full(p.detach()).clone(), "step": float(s["step"]), "8bit": "exp_avg_codes" in s}
+        entry = {"param": full(p.detach()).clone(), "step": float(s["step"]), "8bit": "exp_avg_codes" in s,
+                 "ema": full(s["ema"]).clone()}
         for m in ("exp_avg", "exp_avg_sq"):
             if m + "_codes" in s:
                 entry[m] = fmt.dequantize_blockwise(full(s[m + "_codes"]).reshape(-1), full(s[m + "_absmax"]).reshape(-1),

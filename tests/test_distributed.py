@@ -84,7 +84,7 @@ def test_dcp_reshard_loses_nothing(runs, key):
     saved, loaded = runs["train"]["saved"], runs[key]["loaded"]
     assert saved.keys() == loaded.keys()
     for name in saved:
-        for k in ("param", "exp_avg", "exp_avg_sq"):
+        for k in ("param", "exp_avg", "exp_avg_sq", "ema"):
             assert torch.equal(saved[name][k], loaded[name][k]), (name, k)
         assert saved[name]["step"] == loaded[name]["step"] and saved[name]["8bit"] == loaded[name]["8bit"]
 
@@ -109,6 +109,7 @@ def test_full_state_dict_loads_into_a_plain_optimizer(runs):
         else:
             got = s["exp_avg_sq"]
         assert torch.equal(got, saved[name]["exp_avg_sq"]), name
+        assert type(s["ema"]) is torch.Tensor and torch.equal(s["ema"], saved[name]["ema"]), name
 
 
 def test_ddp_unchanged(tmp_path):
