@@ -38,6 +38,8 @@ def to_torch_adamw_state_dict(optimizer) -> dict:
                 out[name] = flat.view(p.shape)
             elif name in s:
                 out[name] = s[name].clone()
+        if "ema" in s:  # torch's AdamW ignores it, but it must not be dropped on the way
+            out["ema"] = s["ema"].clone()
         state[pid] = out
     return {"state": state, "param_groups": groups}
 
@@ -71,6 +73,8 @@ def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
         else:
             for name in names:
                 out[name] = s[name].to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+        if "ema" in s:
+            out["ema"] = s["ema"].to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
         state[pid] = out
     new_sd = optimizer.state_dict()
     new_sd["state"], new_sd["param_groups"] = state, groups

@@ -254,6 +254,13 @@ def test_ema_state_dict_round_trip_and_copy_to_params():
     assert optimizer_state_bytes(a)["ema"] == 4 * sum(SIZES)
     with pytest.raises(RuntimeError, match="without ema_decay"):
         AdamW8bit(params()).copy_ema_to_params()
+    # converting to torch's AdamW format and back keeps the EMA
+    from lowbit_adamw import load_torch_adamw_state_dict, to_torch_adamw_state_dict
+
+    c = AdamW8bit(params(), min_8bit_size=1024, ema_decay=0.5)
+    load_torch_adamw_state_dict(c, to_torch_adamw_state_dict(a))
+    for pa, pc in zip(a.param_groups[0]["params"], c.param_groups[0]["params"]):
+        assert torch.equal(a.state[pa]["ema"], c.state[pc]["ema"])
 
 
 def test_ema_overwrite_frequency_writes_the_average_into_the_weights():
