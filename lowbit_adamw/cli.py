@@ -169,7 +169,11 @@ def _run_memory(args) -> int:
     if unknown:
         print(f"unknown optimizer(s) {', '.join(unknown)}; known: {', '.join(memory.OPTIMIZERS)}", file=sys.stderr)
         return 2
-    reports = [memory.estimate(args.model, names, dtype=dtype)]
+    try:
+        reports = [memory.estimate(args.model, names, dtype=dtype)]
+    except (ImportError, ValueError, OSError) as e:
+        print(f"lowbit-adamw memory: {e}", file=sys.stderr)
+        return 2
     print(reports[0].table())
     if args.measure:
         reports.append(memory.measure(args.model, names, steps=args.steps, dtype=dtype))

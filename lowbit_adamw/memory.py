@@ -38,7 +38,8 @@ COLUMNS = ("weights", "grads", "state_codes", "state_scales", "state_full", "sta
 
 # Optimizers the report knows: name -> label. Variants of ours are ordinary AdamW8bit options.
 OPTIMIZERS = {
-    "adamw": "torch AdamW (foreach or fused)",
+    "adamw": "torch AdamW (foreach)",
+    "adamw_fused": "torch AdamW (fused)",
     "bnb_8bit": "bitsandbytes AdamW8bit",
     "torchao_8bit": "torchao AdamW8bit",
     "lowbit_8bit": "lowbit AdamW8bit",
@@ -195,7 +196,7 @@ def estimate_state_bytes(name: str, specs: list[ParamSpec]) -> dict[str, int]:
     else:
         for s in specs:
             n, size = s.meta.numel(), s.meta.element_size()
-            if name == "adamw":  # exp_avg and exp_avg_sq like the parameter, one fp32 step tensor
+            if name in ("adamw", "adamw_fused"):  # exp_avg and exp_avg_sq like the parameter, one fp32 step tensor
                 out["full"] += 2 * n * size
                 out["other"] += 4
             elif name == "bnb_8bit":  # 8-bit from 4096 elements, blocks of 256; fp32 below; step is an int
@@ -387,7 +388,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float = 1e-3) -> torch.optim
     """The real optimizer behind a report name, over ``model``'s trainable parameters."""
     params = [p for _, p in _trainable(model)]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
+        return torch.optim.AdamW(params, lr=lr, foreach=True)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, lr=lr, fused=True)
     if name == "bnb_8bit":
         import bitsandbytes as bnb
 

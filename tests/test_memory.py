@@ -170,6 +170,8 @@ def test_cli_memory_subcommand(tmp_path):
     assert (tmp_path / "m.png").exists() and (tmp_path / "m-measured.png").exists()
     bad = subprocess.run([sys.executable, "-P", "-m", "lowbit_adamw", "memory", "--optimizers", "sgd"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown optimizer(s) sgd" in bad.stderr
+    bad = subprocess.run([sys.executable, "-P", "-m", "lowbit_adamw", "memory", "--model", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_report_states_what_gradient_accumulation_costs():
