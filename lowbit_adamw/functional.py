@@ -186,6 +186,7 @@ def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: boo
 
 
 _compiled: dict = {}
+_compiled_variants: set = set()  # variants already compiled (see _compiled_spans)
 
 
 def compiled_available() -> bool:
@@ -230,10 +231,18 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
         for t in (args[0], args[1], *args[2], *args[3], *([args[4]] if args[4] is not None else [])):
             torch._dynamo.mark_dynamic(t, 0)
         try:
-            # One graph per (param dtype, block size, flags): a process that mixes many (the tests do)
-            # would pass dynamo's default of 8 recompiles, so the limit is raised for our calls only.
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                fn(*args[:4], k, sc.amsgrad, sc.maximize, sc.clip_value != math.inf, args[4])
+            # One graph per (param dtype, block size, flags, rows == 1): a process that mixes many (the
+            # tests do) would pass dynamo's default of 8 recompiles, so the limit is raised for our
+            # calls that may compile. Only those: the patch costs about 1 ms, more than a small call.
+            variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, sc.clip_value != math.inf,
+                       ema_mom is not None, rows == 1, param.device.type)
+            call = (fn, args[:4], k, sc.amsgrad, sc.maximize, sc.clip_value != math.inf, args[4])
+            if variant in _compiled_variants:
+                call[0](*call[1], *call[2:])
+            else:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    call[0](*call[1], *call[2:])
+                _compiled_variants.add(variant)
         except Exception as e:  # no working C++ toolchain, an unsupported platform, ...
             if start:
                 raise  # part of the tensor is already updated: not safe to redo eagerly
