@@ -27,9 +27,14 @@ def backends():
     return out
 
 
-def params(seed=0):
+def dev(backend="torch"):
+    """The Triton backend runs on CUDA tensors on a GPU machine, on CPU tensors under the interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def params(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(n, generator=g)) for n in SIZES]
+    return [torch.nn.Parameter(torch.randn(n, generator=g).to(device)) for n in SIZES]
 
 
 def grad_stream(steps, scale=1.0):
@@ -56,9 +61,10 @@ def assert_same(a, b):
 
 def run_pair(backend, option_kw, transform, steps=3, feed=lambda g: g):
     """Optimizer with the option, fed feed(g); plain optimizer fed transform(g). Must end identical."""
-    a = AdamW8bit(params(), backend=backend, min_8bit_size=1024, **option_kw)
-    b = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
+    a = AdamW8bit(params(device=dev(backend)), backend=backend, min_8bit_size=1024, **option_kw)
+    b = AdamW8bit(params(device=dev(backend)), backend=backend, min_8bit_size=1024)
     for gs in grad_stream(steps):
+        gs = [g.to(dev(backend)) for g in gs]
         for p, g in zip(a.param_groups[0]["params"], gs):
             p.grad = feed(g.clone())
         for p, g in zip(b.param_groups[0]["params"], transform(gs)):
@@ -98,10 +104,10 @@ def test_max_grad_norm_matches_clip_grad_norm_(backend):
     a, b = run_pair(backend, dict(max_grad_norm=4.0), clipped)
     assert_same(a, b)
     # and against torch's own clip_grad_norm_ (its own summation order: allow the last bits)
-    c = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
+    c = AdamW8bit(params(device=dev(backend)), backend=backend, min_8bit_size=1024)
     for gs in grad_stream(3):
         for p, g in zip(c.param_groups[0]["params"], gs):
-            p.grad = g.clone()
+            p.grad = g.to(p.device)
         torch.nn.utils.clip_grad_norm_(c.param_groups[0]["params"], 4.0)
         c.step()
     for pa, pc in zip(a.param_groups[0]["params"], c.param_groups[0]["params"]):
@@ -111,9 +117,9 @@ def test_max_grad_norm_matches_clip_grad_norm_(backend):
 @pytest.mark.parametrize("backend", backends())
 def test_accumulation_steps_updates_every_n_calls_with_the_mean(backend):
     n = 3
-    a = AdamW8bit(params(), backend=backend, min_8bit_size=1024, accumulation_steps=n)
-    b = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
-    stream = grad_stream(2 * n)
+    a = AdamW8bit(params(device=dev(backend)), backend=backend, min_8bit_size=1024, accumulation_steps=n)
+    b = AdamW8bit(params(device=dev(backend)), backend=backend, min_8bit_size=1024)
+    stream = [[g.to(dev(backend)) for g in gs] for gs in grad_stream(2 * n)]
     start = [p.detach().clone() for p in a.param_groups[0]["params"]]
     for k, gs in enumerate(stream):
         for p, g in zip(a.param_groups[0]["params"], gs):
@@ -170,11 +176,13 @@ def test_callable_lr_gets_the_update_count():
 @pytest.mark.parametrize("backend", backends())
 def test_grad_scaler_fused_path_unscales_inside_and_skips_on_inf(backend):
     assert AdamW8bit._step_supports_amp_scaling
-    a = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
-    b = AdamW8bit(params(), backend=backend, min_8bit_size=1024)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    d = dev(backend)
+    a = AdamW8bit(params(device=d), backend=backend, min_8bit_size=1024)
+    b = AdamW8bit(params(device=d), backend=backend, min_8bit_size=1024)
+    scaler = torch.amp.GradScaler(d, init_scale=2.0**10, growth_interval=1000)
     for k, gs in enumerate(grad_stream(3)):
-        scaler.scale(torch.ones(()))  # what scaler.scale(loss) does each iteration (creates the scale lazily)
+        gs = [g.to(d) for g in gs]
+        scaler.scale(torch.ones((), device=d))  # what scaler.scale(loss) does each iteration (creates the scale lazily)
         for p, g in zip(a.param_groups[0]["params"], gs):
             p.grad = g * scaler.get_scale()  # what backward of a scaled loss gives
         if k == 1:
@@ -219,12 +227,12 @@ def plain_ema(weights_per_step, decay):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ema_follows_the_plain_formula(backend, dtype):
     decay = 0.9
-    a = AdamW8bit([torch.nn.Parameter(p.detach().to(dtype)) for p in params()], backend=backend, min_8bit_size=1024,
-                  ema_decay=decay)
+    a = AdamW8bit([torch.nn.Parameter(p.detach().to(dtype)) for p in params(device=dev(backend))], backend=backend,
+                  min_8bit_size=1024, ema_decay=decay)
     history = [[] for _ in SIZES]
     for gs in grad_stream(4):
         for p, g in zip(a.param_groups[0]["params"], gs):
-            p.grad = g.to(dtype)
+            p.grad = g.to(device=p.device, dtype=dtype)
         a.step()
         for h, p in zip(history, a.param_groups[0]["params"]):
             h.append(p.detach().clone())
