@@ -14,15 +14,9 @@ import torch
 
 from benchlib import pyplot, save
 from lowbit_adamw.memory import OPTIMIZERS, make_optimizer
-from lowbit_adamw.tinylm import TinyLM, batches, token_splits
+from lowbit_adamw.tinylm import TinyLM, batches, held_out_loss, token_splits
 
 NAMES = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit")
-
-
-@torch.no_grad()
-def held_out(model, tokens, seq_len, n=8):
-    it = batches(tokens, 16, seq_len, seed=1234)
-    return sum(model.loss(*next(it)).item() for _ in range(n)) / n
 
 
 def run(name, lr, steps, dim, layers, seq_len, batch, eval_every, seed=0):
@@ -40,7 +34,7 @@ def run(name, lr, steps, dim, layers, seq_len, batch, eval_every, seed=0):
         opt.step()
         curve.append(loss.item())
         if step % eval_every == 0 or step == steps:
-            evals.append((step, held_out(model, val, seq_len)))
+            evals.append((step, held_out_loss(model, val, seq_len)))
     return dict(optimizer=name, label=OPTIMIZERS[name], lr=lr, seed=seed, train_curve=curve, held_out=evals,
                 final_held_out=evals[-1][1], finite=all(c == c and abs(c) != float("inf") for c in curve),
                 seconds=time.perf_counter() - t0)

@@ -17,7 +17,7 @@ import torch
 
 from .optimizer import AdamW8bit
 from .memory import optimizer_state_bytes
-from .tinylm import TinyLM, batches, token_splits
+from .tinylm import TinyLM, batches, held_out_loss, token_splits
 
 OPTIMIZERS = {
     "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
@@ -46,12 +46,6 @@ def _progress(total: int, desc: str):
                 print(file=sys.stderr)
 
         return _Bar()
-
-
-@torch.no_grad()
-def _held_out_loss(model, tokens, seq_len, batches_n=8):
-    it = batches(tokens, 16, seq_len, seed=1234)
-    return sum(model.loss(*next(it)).item() for _ in range(batches_n)) / batches_n
 
 
 def train_compare(optimizers=("adamw", "adamw8bit"), steps=200, lr=3e-3, batch_size=16, seq_len=128, dim=128,
@@ -89,7 +83,7 @@ def train_compare(optimizers=("adamw", "adamw8bit"), steps=200, lr=3e-3, batch_s
                 optimizer=name,
                 params=n_params,
                 train_loss=sum(tail) / len(tail),
-                held_out_loss=_held_out_loss(model, val_tokens, seq_len),
+                held_out_loss=held_out_loss(model, val_tokens, seq_len),
                 state_bytes=state["total"],
                 state_bytes_per_param=state["total"] / n_params,
                 seconds_per_step=elapsed / steps,

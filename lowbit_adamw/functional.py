@@ -213,8 +213,9 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
     if nfull == 0:
         return 0
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
+    clip = sc.clip_value != math.inf
     k = torch.tensor([1.0 - sc.lr * sc.weight_decay, sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps,
-                      step_size, inv_bc2_sqrt, grad_mul, sc.clip_value if sc.clip_value != math.inf else 0.0,
+                      step_size, inv_bc2_sqrt, grad_mul, sc.clip_value if clip else 0.0,
                       ema_mom or 0.0, 1.0 - (ema_mom or 0.0)],
                      dtype=torch.float32, device=param.device)
     names = state_names(sc.amsgrad)
@@ -224,24 +225,23 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
         stop = min(start + COMPILED_CHUNK_ELEMENTS, nfull)
         rows = (stop - start) // block_size
         b0, b1 = start // block_size, stop // block_size
-        args = (flat_p[start:stop].view(rows, block_size), flat_g[start:stop].view(rows, block_size),
-                [state[nm + "_codes"][start:stop].view(rows, block_size) for nm in names], [state[nm + "_absmax"][b0:b1] for nm in names],
-                None if ema_mom is None else state["ema"].view(-1)[start:stop].view(rows, block_size))
+        tensors = (flat_p[start:stop].view(rows, block_size), flat_g[start:stop].view(rows, block_size),
+                   [state[nm + "_codes"][start:stop].view(rows, block_size) for nm in names], [state[nm + "_absmax"][b0:b1] for nm in names])
+        ema = None if ema_mom is None else state["ema"].view(-1)[start:stop].view(rows, block_size)
         # The row count varies from tensor to tensor, the block size does not: one graph per block size.
-        for t in (args[0], args[1], *args[2], *args[3], *([args[4]] if args[4] is not None else [])):
+        for t in (tensors[0], tensors[1], *tensors[2], *tensors[3], *([ema] if ema is not None else [])):
             torch._dynamo.mark_dynamic(t, 0)
+        # One graph per (param dtype, block size, flags, rows == 1): a process that mixes many (the
+        # tests do) would pass dynamo's default of 8 recompiles, so the limit is raised for our calls
+        # that may compile. Only those: the patch costs about 1 ms, more than a small call.
+        variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, clip, ema is not None, rows == 1,
+                   param.device.type)
         try:
-            # One graph per (param dtype, block size, flags, rows == 1): a process that mixes many (the
-            # tests do) would pass dynamo's default of 8 recompiles, so the limit is raised for our
-            # calls that may compile. Only those: the patch costs about 1 ms, more than a small call.
-            variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, sc.clip_value != math.inf,
-                       ema_mom is not None, rows == 1, param.device.type)
-            call = (fn, args[:4], k, sc.amsgrad, sc.maximize, sc.clip_value != math.inf, args[4])
             if variant in _compiled_variants:
-                call[0](*call[1], *call[2:])
+                fn(*tensors, k, sc.amsgrad, sc.maximize, clip, ema)
             else:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    call[0](*call[1], *call[2:])
+                    fn(*tensors, k, sc.amsgrad, sc.maximize, clip, ema)
                 _compiled_variants.add(variant)
         except Exception as e:  # no working C++ toolchain, an unsupported platform, ...
             if start:

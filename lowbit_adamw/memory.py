@@ -102,12 +102,13 @@ def load_model(spec: str | nn.Module, dtype: torch.dtype | None = None, device: 
 # ---- what optimizer state costs ----------------------------------------------------------------
 
 
-def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """Plain tensors behind ``t`` (tensor subclasses such as torchao's OptimState8bit are unpacked)."""
+def _named_leaves(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(name, plain tensor) pairs behind ``t``: tensor subclasses such as torchao's OptimState8bit
+    are unpacked, each part named ``name.part``."""
     if type(t) is torch.Tensor or type(t) is nn.Parameter or not hasattr(t, "__tensor_flatten__"):
-        return [t]
-    names, _ = t.__tensor_flatten__()
-    return [leaf for n in names if isinstance(getattr(t, n), torch.Tensor) for leaf in _leaf_tensors(getattr(t, n))]
+        return [(name, t)]
+    parts = t.__tensor_flatten__()[0]
+    return [leaf for n in parts if isinstance(getattr(t, n), torch.Tensor) for leaf in _named_leaves(f"{name}.{n}", getattr(t, n))]
 
 
 def _kind(key: str, leaf: torch.Tensor) -> str:
@@ -139,15 +140,13 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
                 continue
             if is_dtensor(value):  # what this rank holds
                 value = value.to_local()
-            for name, leaf in ([(key, value)] if type(value) is torch.Tensor else
-                               [(f"{key}.{n}", getattr(value, n)) for n in value.__tensor_flatten__()[0]]):
-                for t in _leaf_tensors(leaf):
-                    if t.device.type != "meta":
-                        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-                        if ident in seen:
-                            continue
-                        seen.add(ident)
-                    out[_kind(name, t)] += _tensor_bytes(t)
+            for name, t in _named_leaves(key, value):
+                if t.device.type != "meta":
+                    ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                out[_kind(name, t)] += _tensor_bytes(t)
     out["total"] = sum(out[k] for k in STATE_KINDS)
     return out
 

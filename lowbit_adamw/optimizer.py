@@ -236,8 +236,6 @@ class AdamW8bit(torch.optim.Optimizer):
             dtype = torch.float32
             for name in names:
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        if self.ema_decay is not None:
-            state["ema"] = p.detach().to(torch.float32, copy=True)  # fp32: 16-bit weights would stall a slow average
         return state
 
     def _check_grad(self, p, g, label):
@@ -410,8 +408,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self._init_state(p, group, label)
             elif sc.amsgrad and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
                 raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
-            if self.ema_decay is not None and "ema" not in state:  # e.g. resumed from a checkpoint saved without EMA
-                state["ema"] = p.detach().to(torch.float32, copy=True)
+            if self.ema_decay is not None and "ema" not in state:  # new state, or a checkpoint saved without EMA
+                state["ema"] = p.detach().to(torch.float32, copy=True)  # fp32: 16-bit weights would stall a slow average
             kind = "8bit" if "exp_avg_codes" in state else "fp32"
             # The step runs on rank-local tensors; for plain tensors these are the tensors themselves.
             p, g, state = sharding.local(p), sharding.local(g), sharding.local_state(state)

@@ -54,6 +54,13 @@ def batches(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int):
         yield x, y
 
 
+@torch.no_grad()
+def held_out_loss(model, tokens: torch.Tensor, seq_len: int, batches_n: int = 8) -> float:
+    """Mean loss over a fixed set of held-out windows (seed 1234), the same for every optimizer."""
+    it = batches(tokens, 16, seq_len, seed=1234)
+    return sum(model.loss(*next(it)).item() for _ in range(batches_n)) / batches_n
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
