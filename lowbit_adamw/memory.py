@@ -462,11 +462,11 @@ class MemoryMonitor:
         self._last_update = updates
         self.record()
 
-    def _held(self) -> int:
+    def _held(self, state_bytes: int) -> int:
         params = {id(p): p for g in self.optimizer.param_groups for p in g["params"]}
         held = sum(_tensor_bytes(p) for p in params.values())
         held += sum(_tensor_bytes(p.grad) for p in params.values() if p.grad is not None)
-        return held + optimizer_state_bytes(self.optimizer)["total"]
+        return held + state_bytes
 
     def record(self) -> dict:
         state = optimizer_state_bytes(self.optimizer)
@@ -477,7 +477,7 @@ class MemoryMonitor:
             rec["allocated_bytes"] = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            rec["peak_bytes"] = self._held()
+            rec["peak_bytes"] = self._held(state["total"])
         self.history.append(rec)
         return rec
 

@@ -87,10 +87,9 @@ def to_param_layout(p: torch.Tensor, value: torch.Tensor, global_shape) -> torch
     plain tensor for a plain one (a DTensor is gathered)."""
     if is_dtensor(p):
         if is_dtensor(value):
-            if tuple(value.shape) != tuple(global_shape) or value.placements != p.placements:
-                value = value.redistribute(p.device_mesh, p.placements) if tuple(value.shape) == tuple(global_shape) else \
-                    distribute_tensor(value.full_tensor().reshape(global_shape), p.device_mesh, p.placements, src_data_rank=None)
-            return value
+            if tuple(value.shape) == tuple(global_shape):
+                return value if value.placements == p.placements else value.redistribute(p.device_mesh, p.placements)
+            value = value.full_tensor()  # saved in another layout (flat): gather, then slice as below
         return distribute_tensor(value.reshape(global_shape).to(p.device), p.device_mesh, p.placements, src_data_rank=None)
     if is_dtensor(value):
         value = value.full_tensor()

@@ -133,7 +133,6 @@ def install(optim_names=DEFAULT_OPTIM_NAMES, *, embedding_fp32: bool = True, **o
         return original.__func__(args, model)
 
     _installed["original"] = original
-    _installed["names"] = names
     Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
 
 
@@ -143,7 +142,6 @@ def uninstall() -> None:
         from transformers import Trainer
 
         Trainer.get_optimizer_cls_and_kwargs = _installed.pop("original")
-        _installed.clear()
 
 
 def main(argv: list[str] | None = None) -> None:
