@@ -14,18 +14,30 @@ tensors. It finds its tensor by a binary search over ``prog_start`` (cumulative 
 tensor; T+1 int32), so the only per-launch tables are O(number of tensors), not O(programs).
 
 Tables (built and cached by ``lowbit_adamw.kernel_launch``):
-  ``tensor_table``  int64 [T, 9]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
-                    vmax absmax, numel, and the EMA buffer (fp32). Changes only when a tensor is reallocated.
-  ``step_table``    int64 [T, 5]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
-                    flag (non-finite gradient), fp32 bits of the gradient multiplier (AMP unscale,
+  ``tensor_table``  int64 [T, 10]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
+                    vmax absmax, numel, the EMA buffer (fp32), and the tensor's slot in ``bad_blocks``.
+                    Changes only when a tensor is reallocated.
+  ``step_table``    int64 [T, 7]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
+                    flag (the whole tensor), fp32 bits of the gradient multiplier (AMP unscale,
                     loss scale, norm clipping, accumulation mean), fp32 bits of the EMA momentum
-                    (0 on a tensor's first step, so the average starts at the weights). Uploaded each step.
+                    (0 on a tensor's first step, so the average starts at the weights) and of
+                    1 - momentum (rounded once on the host, as the PyTorch paths do). Uploaded each step.
+
+Arithmetic follows ``lowbit_adamw.step_spec`` exactly: IEEE division and square root (``div_rn``,
+``sqrt_rn``) and no FMA contraction (the launch passes ``enable_fp_fusion=False``), so the GPU gives the
+bits the PyTorch paths give. A block whose gradient holds NaN/Inf stores nothing (``SKIP_NONFINITE``)
+and is counted in ``bad_blocks``: no second pass over the gradient, no host sync.
+
+Two variants of one source: ``ALIGNED`` tells the compiler that offsets and sizes are multiples of 16
+elements, which turns every per-element access into 128-bit vector loads/stores; the general variant
+takes any tensor (views at odd offsets, odd sizes). ``benchmarks/kernel_report.py`` compiles both for
+real GPU targets and reads the PTX.
 """
 import triton
 import triton.language as tl
 
-STEP_COLS: tl.constexpr = tl.constexpr(6)  # columns of step_table (see above)
-TENSOR_COLS: tl.constexpr = tl.constexpr(9)  # columns of tensor_table
+STEP_COLS: tl.constexpr = tl.constexpr(7)  # columns of step_table (see above)
+TENSOR_COLS: tl.constexpr = tl.constexpr(10)  # columns of tensor_table
 
 
 @triton.jit
@@ -43,7 +55,7 @@ def _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS: tl.constexpr):
 @triton.jit
 def _safe_inverse(a):
     # 1/a for a block absmax; 0 for an all-zero block, so it encodes to the code of zero.
-    return tl.where(a > 0, 1.0 / tl.where(a > 0, a, 1.0), 0.0)
+    return tl.where(a > 0, tl.div_rn(tl.full(a.shape, 1.0, tl.float32), tl.where(a > 0, a, 1.0)), 0.0)
 
 
 @triton.jit
@@ -78,14 +90,16 @@ def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
 @triton.jit
 def adamw8bit_kernel(
     p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base, e_base,
-    tensor_table, step_table, prog_start, num_tensors,
+    tensor_table, step_table, prog_start, num_tensors, bad_blocks,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value, seed,
     BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, EMA: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS)
-    skip = tl.load(step_table + t * STEP_COLS + 3)
+    step_row = step_table + t * STEP_COLS
+    skip = tl.load(step_row + 3)
     if skip == 0:
         row = tensor_table + t * TENSOR_COLS
         p_off = tl.load(row + 0)
@@ -94,15 +108,37 @@ def adamw8bit_kernel(
         vc_off = tl.load(row + 3)
         va_off = tl.load(row + 4)
         numel = tl.load(row + 7)
-        g_off = tl.load(step_table + t * STEP_COLS + 0)
-        step_size = tl.load(step_table + t * STEP_COLS + 1).to(tl.int32).to(tl.float32, bitcast=True)
-        inv_bc2_sqrt = tl.load(step_table + t * STEP_COLS + 2).to(tl.int32).to(tl.float32, bitcast=True)
+        slot = tl.load(row + 9)  # the tensor's index in the whole bucket: counters, random streams
+        g_off = tl.load(step_row + 0)
+        if ALIGNED:
+            # The host launches this variant only for tensors whose per-element buffers start on 16-element
+            # boundaries (scales on 16 bytes) and whose numel is a multiple of 16: with these facts the
+            # compiler emits 128-bit loads and stores, and the masks stay constant over 16 elements.
+            p_off = tl.multiple_of(p_off, 16)
+            g_off = tl.multiple_of(g_off, 16)
+            mc_off = tl.multiple_of(mc_off, 16)
+            vc_off = tl.multiple_of(vc_off, 16)
+            ma_off = tl.multiple_of(ma_off, 4)
+            va_off = tl.multiple_of(va_off, 4)
+            numel = tl.multiple_of(numel, 16)
+        step_size = tl.load(step_row + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        inv_bc2_sqrt = tl.load(step_row + 2).to(tl.int32).to(tl.float32, bitcast=True)
 
         first_block = (pid - tl.load(prog_start + t)).to(tl.int64) * BPP
         blocks = first_block + tl.arange(0, BPP)
         idx = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         mask = idx < numel
         bmask = blocks * BLOCK < numel
+
+        g = tl.load(g_base + g_off + idx, mask=mask, other=0.0).to(tl.float32)
+        if SKIP_NONFINITE:
+            # |g| <= FLT_MAX is false for NaN and for +-Inf. A bad block stores nothing at all.
+            bad = tl.max((~(tl.abs(g) <= 3.4028234663852886e38)).to(tl.int32), axis=1) > 0
+            n_bad = tl.sum(bad.to(tl.int32), axis=0)
+            if n_bad > 0:
+                tl.atomic_add(bad_blocks + slot, n_bad)
+            bmask = bmask & ~bad
+            mask = mask & ~bad[:, None]
 
         # decode (format v1): m = sign(q) (q/127)^2 absmax, v = (c/255)^4 absmax
         mq = (tl.load(mc_base + mc_off + idx, mask=mask, other=127).to(tl.float32) - 127.0) * (1.0 / 127.0)
@@ -113,8 +149,7 @@ def adamw8bit_kernel(
 
         p_raw = tl.load(p_base + p_off + idx, mask=mask, other=0.0)
         p = p_raw.to(tl.float32)
-        g = tl.load(g_base + g_off + idx, mask=mask, other=0.0).to(tl.float32)
-        g = g * tl.load(step_table + t * STEP_COLS + 4).to(tl.int32).to(tl.float32, bitcast=True)
+        g = g * tl.load(step_row + 4).to(tl.int32).to(tl.float32, bitcast=True)
         if CLIP:
             g = tl.minimum(tl.maximum(g, -clip_value), clip_value)
         if MAXIMIZE:
@@ -126,24 +161,30 @@ def adamw8bit_kernel(
         if AMSGRAD:
             xc_off = tl.load(row + 5)
             xa_off = tl.load(row + 6)
+            if ALIGNED:
+                xc_off = tl.multiple_of(xc_off, 16)
+                xa_off = tl.multiple_of(xa_off, 4)
             xy = tl.load(xc_base + xc_off + idx, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
             xy = xy * xy
             vh = tl.maximum(xy * xy * tl.load(xa_base + xa_off + blocks, mask=bmask, other=0.0)[:, None], v)
         else:
             vh = v
         denom = tl.sqrt_rn(vh) * inv_bc2_sqrt + eps
-        p = p - step_size * (m / denom)
+        p = p - step_size * tl.div_rn(m, denom)
 
         if STOCHASTIC:
-            out = _stochastic_round(p, seed + t * 7919, idx.to(tl.int32), p_raw.dtype)
+            out = _stochastic_round(p, seed + slot.to(tl.int32) * 7919, idx.to(tl.int32), p_raw.dtype)
         else:
             out = _round_nearest(p, p_raw.dtype)
         tl.store(p_base + p_off + idx, out, mask=mask)
         if EMA:  # Keras' use_ema: ema = momentum * ema + (1 - momentum) * (the weight as stored)
             e_off = tl.load(row + 8)
-            mom = tl.load(step_table + t * STEP_COLS + 5).to(tl.int32).to(tl.float32, bitcast=True)
+            if ALIGNED:
+                e_off = tl.multiple_of(e_off, 16)
+            mom = tl.load(step_row + 5).to(tl.int32).to(tl.float32, bitcast=True)
+            one_minus_mom = tl.load(step_row + 6).to(tl.int32).to(tl.float32, bitcast=True)
             ema = tl.load(e_base + e_off + idx, mask=mask, other=0.0)
-            tl.store(e_base + e_off + idx, ema * mom + out.to(tl.float32) * (1.0 - mom), mask=mask)
+            tl.store(e_base + e_off + idx, ema * mom + out.to(tl.float32) * one_minus_mom, mask=mask)
 
         # encode m (signed, square-root companding)
         am = tl.max(tl.abs(m), axis=1)
@@ -168,19 +209,34 @@ def adamw8bit_kernel(
 
 
 def launch_adamw8bit(
-    bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars,
+    bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars, bad_blocks,
     *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed, clip_value=float("inf"), ema=False,
+    skip_nonfinite=True, aligned=False, num_warps=4,
 ):
     """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 9 base tensors
     (p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax, ema); ``scalars`` is
     (decay, beta1, 1-beta1, beta2, 1-beta2, eps) as Python floats (runtime arguments: a schedule never
-    recompiles the kernel). ``clip_value`` clamps each (scaled) gradient element; inf turns it off."""
+    recompiles the kernel). ``clip_value`` clamps each (scaled) gradient element; inf turns it off.
+    ``bad_blocks`` (int32, one slot per tensor, see the table's slot column) receives the count of
+    blocks skipped for a non-finite gradient. ``aligned`` selects the vectorized variant: only for
+    tensors that satisfy its alignment facts (see the kernel)."""
     if num_programs == 0:
         return
-    search_steps = max(1, int(num_tensors).bit_length())
     adamw8bit_kernel[(num_programs,)](
-        *bases, tensor_table, step_table, prog_start, num_tensors, *scalars,
+        *bases, tensor_table, step_table, prog_start, num_tensors, bad_blocks, *scalars,
         clip_value if clip_value != float("inf") else 0.0, seed,
-        BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=search_steps,
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, STOCHASTIC=stochastic, CLIP=clip_value != float("inf"), EMA=ema,
+        **variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic,
+                             clip_value != float("inf"), ema, skip_nonfinite, aligned),
+        num_warps=num_warps,
+        enable_fp_fusion=False,  # the spec's arithmetic: every multiply and add rounded on its own
+    )
+
+
+def variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic, clip, ema,
+                       skip_nonfinite, aligned) -> dict:
+    """The compile-time arguments of one kernel variant (shared with the ahead-of-time kernel report)."""
+    return dict(
+        BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=max(1, int(num_tensors).bit_length()),
+        AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic), CLIP=bool(clip), EMA=bool(ema),
+        SKIP_NONFINITE=bool(skip_nonfinite), ALIGNED=bool(aligned),
     )

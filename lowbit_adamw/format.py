@@ -109,6 +109,14 @@ def is_signed(name: str) -> bool:
     return name == "exp_avg"
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root (a new tensor). ATen's CPU ``torch.sqrt`` on float32 is not:
+    in torch 2.13 about 16% of inputs come out one ulp off, on AVX2, AVX-512 and baseline builds alike,
+    while inductor's C++ and Triton's ``sqrt_rn`` round correctly. Taking the root in float64 and
+    rounding once to fp32 is exact (53 >= 2 * 24 + 2 bits, so the double rounding is harmless)."""
+    return x.double().sqrt_().float()
+
+
 # ---- encode / decode of one contiguous span that starts on a block boundary --------------------
 # x is a 1-d fp32 tensor; blocks are consecutive runs of block_size (last may be short).
 
@@ -131,12 +139,12 @@ def _encode_rows(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: tor
     inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
     if signed:
         s = x.mul(inv)
-        q = s.abs().sqrt_().mul_(M_LEVELS).add_(0.5).floor_()
+        q = sqrt_rn(s.abs()).mul_(M_LEVELS).add_(0.5).floor_()
         q.copysign_(s).add_(M_ZERO_CODE)
         codes.copy_(q)
     else:
         pos = x > 0
-        q = x.mul_(inv).sqrt_().sqrt_().mul_(V_LEVELS).add_(0.5).floor_()
+        q = sqrt_rn(sqrt_rn(x.mul_(inv))).mul_(V_LEVELS).add_(0.5).floor_()
         q.masked_fill_(pos & (q == 0), 1.0)
         codes.copy_(q)
 

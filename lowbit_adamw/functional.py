@@ -1,4 +1,4 @@
-"""The AdamW update over 8-bit blockwise state: one signature, two implementations.
+"""The AdamW update over 8-bit blockwise state: one signature, three implementations.
 
 ``adamw8bit_step`` takes a bucket of parameters (one device, one dtype) with their gradients and
 state dicts, and updates them in place. ``backend="torch"`` runs the chunked, vectorised PyTorch
@@ -8,60 +8,23 @@ into one C++ loop nest: the fast CPU path), with the eager code for a tensor's l
 ``backend="triton"`` runs the fused Triton kernel (``lowbit_adamw.kernels``) for CUDA tensors, or
 on CPU tensors under ``TRITON_INTERPRET=1``.
 
-Per element, all in fp32 whatever the parameter dtype (torch.optim.AdamW semantics)::
-
-    g  = clamp(g * mul, -clip_value, clip_value)  # mul: per-tensor gradient multiplier (1 by default)
-    g  = -g if maximize else g
-    p  = p * (1 - lr * weight_decay)
-    m  = beta1 * m + (1 - beta1) * g
-    v  = beta2 * v + (1 - beta2) * g * g
-    vh = max(vmax, v) if amsgrad else v          # vmax is stored (8-bit) and becomes vh
-    p  = p - (lr / bc1) * m / (sqrt(vh) * (1 / sqrt(bc2)) + eps)
-    bc1, bc2 = 1 - beta1**t, 1 - beta2**t        (both 1 when bias_correction is False)
-
-then m, v (and vmax) are re-encoded (see ``lowbit_adamw.format``) and p is written in its dtype,
-rounded to nearest or, with ``stochastic_rounding``, stochastically (see ``stochastic_round_``).
+What each computes, to the bit, is written once in ``lowbit_adamw.step_spec``; the state format in
+``lowbit_adamw.format``. The eager path spells every operation out (no ``add(alpha=)``, ``addcmul``
+or ``addcdiv``, which ATen contracts into FMAs on AVX2/AVX-512 builds and not on others), so it gives
+the same bits on every CPU, and the same bits as the other two backends.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from . import format as fmt
+from .step_spec import StepScalars, state_names
 
-
-@dataclass(frozen=True)
-class StepScalars:
-    """Hyper-parameters of one step, read from the param group at every step."""
-
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    amsgrad: bool = False
-    maximize: bool = False
-    bias_correction: bool = True
-    stochastic_rounding: bool = False
-    clip_value: float = math.inf  # |g| is clamped to this after the gradient multiplier
-
-    def corrections(self, step: float) -> tuple[float, float]:
-        """(lr / bc1, 1 / sqrt(bc2)) for a tensor at ``step`` (after incrementing). Computed in
-        float64 on the host so both backends use the very same fp32 scalars."""
-        if step < 1:
-            raise ValueError(f"state['step'] is {step}: increment it before calling adamw8bit_step (the first step is 1)")
-        if not self.bias_correction:
-            return self.lr, 1.0
-        bc1 = 1.0 - self.beta1**step
-        bc2 = 1.0 - self.beta2**step
-        return self.lr / bc1, 1.0 / math.sqrt(bc2)
-
-
-def state_names(amsgrad: bool) -> tuple[str, ...]:
-    return fmt.QUANTIZED_MOMENTS if amsgrad else fmt.QUANTIZED_MOMENTS[:2]
+__all__ = ["StepScalars", "state_names", "adamw8bit_step", "fp32_state_step", "stochastic_round_"]
 
 
 # ---- stochastic rounding ------------------------------------------------------------------------
@@ -94,43 +57,63 @@ def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, generator: torch.Gener
 # ---- the PyTorch path ---------------------------------------------------------------------------
 
 def _update_chunk(p32, g, m, v, vmax, sc: StepScalars, step_size: float, inv_bc2_sqrt: float, grad_mul: float = 1.0):
-    """In-place AdamW math on fp32 chunk tensors (g may be the caller's fp32 copy, it is scratch)."""
+    """In-place AdamW math on fp32 chunk tensors (g may be the caller's fp32 copy, it is scratch).
+    One rounded operation at a time, in step_spec's order."""
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps = sc.constants()
     if grad_mul != 1.0:
         g.mul_(grad_mul)
     if sc.clip_value != math.inf:
         g.clamp_(-sc.clip_value, sc.clip_value)
     if sc.maximize:
         g.neg_()
-    if sc.weight_decay != 0:
-        p32.mul_(1.0 - sc.lr * sc.weight_decay)
-    m.mul_(sc.beta1).add_(g, alpha=1.0 - sc.beta1)
-    v.mul_(sc.beta2).addcmul_(g, g, value=1.0 - sc.beta2)
+    if decay != 1.0:
+        p32.mul_(decay)
+    t = torch.mul(g, one_minus_beta1)
+    m.mul_(beta1).add_(t)
+    torch.mul(g, g, out=t).mul_(one_minus_beta2)
+    v.mul_(beta2).add_(t)
     if vmax is not None:
         torch.maximum(vmax, v, out=vmax)
         vh = vmax
     else:
         vh = v
-    denom = torch.sqrt(vh, out=g)  # g is no longer needed: reuse its memory
+    denom = g.copy_(fmt.sqrt_rn(vh))  # g is no longer needed: reuse its memory
     if inv_bc2_sqrt != 1.0:
         denom.mul_(inv_bc2_sqrt)
-    denom.add_(sc.eps)
-    p32.addcdiv_(m, denom, value=-step_size)
+    denom.add_(eps)
+    torch.div(m, denom, out=t).mul_(step_size)
+    p32.sub_(t)
 
 
-def _write_param(dst: torch.Tensor, p32: torch.Tensor, stochastic: bool, generator) -> None:
+def _rounded_param(dst: torch.Tensor, p32: torch.Tensor, stochastic: bool, generator) -> torch.Tensor:
+    """p32 in dst's dtype, as the step writes it (nearest even, or stochastic for 16-bit)."""
     if dst.dtype == torch.float32:
-        if dst.data_ptr() != p32.data_ptr():
-            dst.copy_(p32)
-    elif stochastic:
-        stochastic_round_(dst, p32, generator)
-    else:
-        dst.copy_(p32)
+        return p32
+    if stochastic:
+        out = torch.empty_like(dst)
+        stochastic_round_(out, p32, generator)
+        return out
+    return p32.to(dst.dtype)
+
+
+def _block_flags_to_elements(ok_blocks: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    return ok_blocks.repeat_interleave(block_size)[:n]
+
+
+def _finite_blocks(g32: torch.Tensor, block_size: int) -> torch.Tensor:
+    """One bool per block of g32 (starting on a block boundary): no NaN/Inf in the block."""
+    full, tail = fmt._blocks(g32, block_size)
+    ok = torch.isfinite(full).all(dim=1)
+    if tail is not None:
+        ok = torch.cat([ok, torch.isfinite(tail).all(dim=1)])
+    return ok
 
 
 # ---- the compiled path --------------------------------------------------------------------------
 # The same formulas as _update_chunk and format's _decode_rows/_encode_rows, in the same order, on
 # (rows, block_size) views of whole blocks. Scalars arrive as one fp32 tensor computed in float64 on
-# the host (as the eager path's Python scalars are), so changing lr never recompiles.
+# the host (as the eager path's Python scalars are), so changing lr never recompiles. Inductor's C++
+# is built with -ffp-contract=off, so no FMA appears that the spec does not have.
 
 COMPILED_CHUNK_ELEMENTS = 1 << 20  # elements per compiled call: large enough to amortise the call
 RECOMPILE_LIMIT = 128
@@ -146,7 +129,8 @@ def _decode(codes, absmax, signed: bool):
     return y * y * a
 
 
-def _encode(x, signed: bool, codes, absmax):
+def _encode(x, signed: bool, codes, absmax, ok=None):
+    """Encode rows of x into codes/absmax; rows where ``ok`` (rows, 1) is False keep their old bytes."""
     a = x.abs().amax(dim=1) if signed else x.amax(dim=1)
     inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
     if signed:
@@ -156,33 +140,44 @@ def _encode(x, signed: bool, codes, absmax):
     else:
         q = torch.floor(torch.sqrt(torch.sqrt(x * inv)) * fmt.V_LEVELS + 0.5)
         q = torch.where((x > 0) & (q == 0), torch.ones_like(q), q)
+    if ok is not None:
+        q = torch.where(ok, q, codes.float())
+        a = torch.where(ok[:, 0], a, absmax)
     codes.copy_(q.to(torch.uint8))
     absmax.copy_(a)
 
 
-def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool, ema=None):
+def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool, ema=None, skip_nonfinite=False):
     """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2), grad
-    multiplier, clip value, ema momentum, 1 - ema momentum] (fp32)."""
+    multiplier, clip value, ema momentum, 1 - ema momentum] (fp32). Returns the number of rows
+    (blocks) skipped for a non-finite gradient (0-d int64)."""
+    ok = torch.isfinite(g).all(dim=1, keepdim=True) if skip_nonfinite else None
     g32 = g.float() * k[8]
     if clip:
         g32 = torch.minimum(torch.maximum(g32, -k[9]), k[9])
     if maximize:
         g32 = -g32
     m = _decode(codes[0], absmax[0], True) * k[1] + g32 * k[2]
-    v = _decode(codes[1], absmax[1], False) * k[3] + g32 * g32 * k[4]
+    v = _decode(codes[1], absmax[1], False) * k[3] + (g32 * g32) * k[4]
     vh = v
     if amsgrad:
         vh = torch.maximum(_decode(codes[2], absmax[2], False), v)
     denom = torch.sqrt(vh) * k[7] + k[5]
     p32 = p.float() * k[0] - k[6] * (m / denom)
     p_new = p32.to(p.dtype)
-    p.copy_(p_new)
+    if ok is not None:
+        p_new = torch.where(ok, p_new, p)
     if ema is not None:
-        ema.copy_(ema * k[10] + p_new.float() * k[11])
-    _encode(m, True, codes[0], absmax[0])
-    _encode(v, False, codes[1], absmax[1])
+        ema_new = ema * k[10] + p_new.float() * k[11]
+        ema.copy_(ema_new if ok is None else torch.where(ok, ema_new, ema))
+    p.copy_(p_new)
+    _encode(m, True, codes[0], absmax[0], ok)
+    _encode(v, False, codes[1], absmax[1], ok)
     if amsgrad:
-        _encode(vh, False, codes[2], absmax[2])
+        _encode(vh, False, codes[2], absmax[2], ok)
+    if ok is None:
+        return torch.zeros((), dtype=torch.int64)
+    return (~ok).sum()
 
 
 _compiled: dict = {}
@@ -201,11 +196,15 @@ def compiled_available() -> bool:
 def _compiled_block_step():
     fn = _compiled.get("fn")
     if fn is None:
-        fn = _compiled["fn"] = torch.compile(_block_step, dynamic=False, fullgraph=True)
+        # emulate_precision_casts: without it inductor folds p32.to(bf16).float() into p32, and the EMA
+        # would average the unrounded weight instead of the weight as stored.
+        fn = _compiled["fn"] = torch.compile(_block_step, dynamic=False, fullgraph=True,
+                                             options={"emulate_precision_casts": True})
     return fn
 
 
-def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0, ema_mom=None) -> int:
+def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0, ema_mom=None,
+                    bad_blocks=None) -> int:
     """Run the compiled step over the whole blocks of a tensor; return where the eager path resumes
     (the last partial block), or 0 if compiling failed (then everything goes eager from now on)."""
     n = param.numel()
@@ -214,8 +213,7 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
         return 0
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     clip = sc.clip_value != math.inf
-    k = torch.tensor([1.0 - sc.lr * sc.weight_decay, sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps,
-                      step_size, inv_bc2_sqrt, grad_mul, sc.clip_value if clip else 0.0,
+    k = torch.tensor([*sc.constants(), step_size, inv_bc2_sqrt, grad_mul, sc.clip_value if clip else 0.0,
                       ema_mom or 0.0, 1.0 - (ema_mom or 0.0)],
                      dtype=torch.float32, device=param.device)
     names = state_names(sc.amsgrad)
@@ -234,14 +232,15 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
         # One graph per (param dtype, block size, flags, rows == 1): a process that mixes many (the
         # tests do) would pass dynamo's default of 8 recompiles, so the limit is raised for our calls
         # that may compile. Only those: the patch costs about 1 ms, more than a small call.
-        variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, clip, ema is not None, rows == 1,
-                   param.device.type)
+        args = (*tensors, k, sc.amsgrad, sc.maximize, clip, ema, sc.skip_nonfinite)
+        variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, clip, ema is not None, sc.skip_nonfinite,
+                   rows == 1, param.device.type)
         try:
             if variant in _compiled_variants:
-                fn(*tensors, k, sc.amsgrad, sc.maximize, clip, ema)
+                skipped = fn(*args)
             else:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    fn(*tensors, k, sc.amsgrad, sc.maximize, clip, ema)
+                    skipped = fn(*args)
                 _compiled_variants.add(variant)
         except Exception as e:  # no working C++ toolchain, an unsupported platform, ...
             if start:
@@ -252,16 +251,19 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
             warnings.warn(f"AdamW8bit: torch.compile of the CPU step failed ({type(e).__name__}: {e}); using the eager "
                           "PyTorch step from now on", RuntimeWarning, stacklevel=4)
             return 0
+        if bad_blocks is not None and sc.skip_nonfinite:
+            bad_blocks.add_(skipped)
     return nfull
 
 
-def _ema_update(ema: torch.Tensor, written: torch.Tensor, mom: float) -> None:
-    """ema = mom * ema + (1 - mom) * (the weight as stored), in fp32."""
-    ema.mul_(mom).add_(written if written.dtype == torch.float32 else written.float(), alpha=1.0 - mom)
+def _ema_update(ema: torch.Tensor, written: torch.Tensor, mom: float) -> torch.Tensor:
+    """ema * mom + (the weight as stored) * (1 - mom), in fp32, as a new tensor."""
+    return ema.mul(mom).add_(written.float().mul_(1.0 - mom) if written.dtype != torch.float32 else written.mul(1.0 - mom))
 
 
 def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator,
-                     compiled: bool = False, grad_mul: float = 1.0, ema_mom: float | None = None) -> None:
+                     compiled: bool = False, grad_mul: float = 1.0, ema_mom: float | None = None,
+                     bad_blocks: torch.Tensor | None = None) -> None:
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     names = state_names(sc.amsgrad)
     flat_p = param.view(-1)
@@ -270,10 +272,17 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
     # Stochastic rounding of 16-bit weights needs the eager path's seeded generator.
     first = 0
     if compiled and compiled_available() and not (sc.stochastic_rounding and param.dtype != torch.float32):
-        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom)
+        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks)
     for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
+        g32 = flat_g[start:stop].to(torch.float32, copy=True)
+        ok = ok_blocks = None
+        if sc.skip_nonfinite:  # step_spec's block rule: bad blocks are computed, then not written
+            ok_blocks = _finite_blocks(g32, block_size)
+            ok = _block_flags_to_elements(ok_blocks, stop - start, block_size)
+            if bad_blocks is not None:
+                bad_blocks.add_((~ok_blocks).sum())
         moments = []
         for name in names:
             codes = state[name + "_codes"][start:stop]
@@ -281,15 +290,25 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
             buf = torch.empty(stop - start, dtype=torch.float32, device=param.device)
             moments.append((name, codes, absmax, fmt.decode_span(codes, absmax, fmt.is_signed(name), block_size, buf)))
         p_chunk = flat_p[start:stop]
-        p32 = p_chunk if p_chunk.dtype == torch.float32 else p_chunk.float()
-        g32 = flat_g[start:stop].to(torch.float32, copy=True)
+        p32 = p_chunk.to(torch.float32, copy=True)
         vmax = moments[2][3] if sc.amsgrad else None
         _update_chunk(p32, g32, moments[0][3], moments[1][3], vmax, sc, step_size, inv_bc2_sqrt, grad_mul)
-        _write_param(p_chunk, p32, sc.stochastic_rounding, generator)
+        written = _rounded_param(p_chunk, p32, sc.stochastic_rounding, generator)
+        if ok is not None:
+            written = torch.where(ok, written, p_chunk)
         if ema_mom is not None:
-            _ema_update(state["ema"].view(-1)[start:stop], p_chunk, ema_mom)
+            ema = state["ema"].view(-1)[start:stop]
+            new_ema = _ema_update(ema, written, ema_mom)
+            ema.copy_(new_ema if ok is None else torch.where(ok, new_ema, ema))
+        p_chunk.copy_(written)
         for name, codes, absmax, buf in moments:
-            fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax)
+            if ok is None:
+                fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax)
+                continue
+            new_codes, new_absmax = torch.empty_like(codes), torch.empty_like(absmax)
+            fmt.encode_span(buf, fmt.is_signed(name), block_size, new_codes, new_absmax)
+            codes.copy_(torch.where(ok, new_codes, codes))
+            absmax.copy_(torch.where(ok_blocks, new_absmax, absmax))
 
 
 def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator, grad_mul: float = 1.0) -> None:
@@ -304,7 +323,7 @@ def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator, grad_
         g32 = flat_g[sl].to(torch.float32, copy=True)
         _update_chunk(p32, g32, m_all[sl], v_all[sl], None if vmax_all is None else vmax_all[sl], sc, step_size, inv_bc2_sqrt,
                       grad_mul)
-        _write_param(flat_p[sl], p32, sc.stochastic_rounding, generator)
+        flat_p[sl].copy_(_rounded_param(flat_p[sl], p32, sc.stochastic_rounding, generator))
 
 
 def adamw8bit_step(
@@ -320,11 +339,14 @@ def adamw8bit_step(
     plan_cache: dict | None = None,
     grad_muls: list[float] | None = None,
     ema_moms: list[float] | None = None,
+    bad_blocks: torch.Tensor | None = None,
 ) -> None:
     """Update a bucket of parameters with 8-bit state in place. ``state["step"]`` must already be
     incremented. All tensors of the bucket share one device and one parameter dtype. ``grad_muls``
     (one float per tensor, default 1) multiplies each gradient inside the step. ``ema_moms`` (one
     float per tensor, or None for no EMA) updates ``state["ema"]`` (fp32) from the new weights.
+    ``bad_blocks`` (int32, one per tensor, on the parameters' device) accumulates the number of blocks
+    left untouched because their gradient had NaN/Inf (``scalars.skip_nonfinite``); nothing is read back.
 
     ``blocks_per_program`` and ``plan_cache`` only concern the Triton backend: quantization blocks per
     kernel program (a power of two), and a dict the caller keeps so per-tensor tables are built once."""
@@ -333,23 +355,55 @@ def adamw8bit_step(
     muls = [1.0] * len(params) if grad_muls is None else grad_muls
     if backend in ("torch", "compiled"):
         moms = [None] * len(params) if ema_moms is None else ema_moms
-        for p, g, s, mul, mom in zip(params, grads, states, muls, moms):
-            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul, ema_mom=mom)
+        for i, (p, g, s, mul, mom) in enumerate(zip(params, grads, states, muls, moms)):
+            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul, ema_mom=mom,
+                             bad_blocks=None if bad_blocks is None else bad_blocks[i])
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
         triton_step_8bit(
             params, grads, states, scalars, block_size=block_size, blocks_per_program=blocks_per_program,
-            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls, ema_moms=ema_moms,
+            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls, ema_moms=ema_moms, bad_blocks=bad_blocks,
         )
     else:
         raise ValueError(f"backend must be 'torch', 'compiled' or 'triton', got {backend!r}")
 
 
 def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None,
-                    generator=None, grad_muls: list[float] | None = None, ema_moms: list[float] | None = None) -> None:
+                    generator=None, grad_muls: list[float] | None = None, ema_moms: list[float] | None = None,
+                    bad_tensors: torch.Tensor | None = None) -> None:
     """Update parameters that keep torch's fp32 exp_avg/exp_avg_sq. fp32 parameters go to torch's
-    own fused (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above."""
+    own fused (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above.
+
+    With ``scalars.skip_nonfinite`` a tensor whose gradient has NaN/Inf keeps its parameter and state
+    (its step counter advances) and ``bad_tensors`` (int32 per tensor) counts it. On the CPU the flags are
+    read on the host (free there); elsewhere every tensor is updated and the bad ones are put back from
+    a copy on the device, so nothing waits for the host."""
+    if not params:
+        return
+    if scalars.skip_nonfinite:
+        ok = torch.stack([torch.isfinite(g).all() for g in grads])
+        if bad_tensors is not None:
+            bad_tensors.add_((~ok).to(bad_tensors.dtype))
+        plain = dataclasses.replace(scalars, skip_nonfinite=False)
+        kw = dict(foreach=foreach, fused=fused, generator=generator)
+        if params[0].device.type == "cpu":
+            keep = [i for i, fine in enumerate(ok.tolist()) if fine]
+            for i in set(range(len(params))) - set(keep):
+                states[i]["step"] += 1
+            sel = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+            if keep:
+                fp32_state_step(sel(params), sel(grads), sel(states), plain, grad_muls=sel(grad_muls), ema_moms=sel(ema_moms), **kw)
+            return
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if scalars.amsgrad else []) + (["ema"] if ema_moms is not None else [])
+        before = [(p.detach().clone(), {n: s[n].clone() for n in names}) for p, s in zip(params, states)]
+        fp32_state_step(params, grads, states, plain, grad_muls=grad_muls, ema_moms=ema_moms, **kw)
+        for i, (p, s) in enumerate(zip(params, states)):
+            p0, s0 = before[i]
+            p.copy_(torch.where(ok[i], p, p0))
+            for n in names:
+                s[n].copy_(torch.where(ok[i], s[n], s0[n]))
+        return
     muls = [1.0] * len(params) if grad_muls is None else list(grad_muls)
     # torch's AdamW has no switch for bias correction: without it, everything takes the path below.
     use_torch = lambda p: p.dtype == torch.float32 and scalars.bias_correction  # noqa: E731
@@ -390,4 +444,4 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
         _torch_step_fp32_state(params[i], grads[i], states[i], scalars, generator, muls[i])
     if ema_moms is not None:
         for p, s, mom in zip(params, states, ema_moms):
-            _ema_update(s["ema"], p, mom)
+            s["ema"].copy_(_ema_update(s["ema"], p, mom))

@@ -1,22 +1,39 @@
-"""Host side of the fused Triton step: per-bucket tables, cached across steps, and one launch.
+"""Host side of the fused Triton step: per-bucket tables, cached across steps, and at most two launches.
 
 Per-tensor host work (offsets of params and state buffers, program counts) is cached in a plan keyed
 by the tensors' addresses and sizes; it is rebuilt only when a tensor is reallocated. What changes
 every step, grad addresses (``zero_grad(set_to_none=True)`` frees them) and bias corrections, goes up
 in one small int64 tensor.
+
+A bucket is split in two by alignment: tensors whose buffers all start on 16-element boundaries and
+whose size is a multiple of 16 (every ordinary allocation of a weight matrix) go to the vectorized
+variant of the kernel; the rest (views at odd offsets, odd sizes) to the general one. Both variants
+compute the same bits.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from . import format as fmt
-from .functional import StepScalars, state_names
+from .step_spec import StepScalars, state_names
 
-# Elements per program on a GPU: large enough to hide memory latency, small enough for many programs
-# per SM. Tests under the interpreter use bigger programs (LOWBIT_ADAMW_BLOCKS_PER_PROGRAM).
+# Chosen from `python benchmarks/kernel_report.py --sweep` (static figures, see the README). NVIDIA:
+# 2048 elements per program in 4 warps is 16 elements per thread, so every per-element buffer moves in
+# 128-bit accesses (8-bit codes too), with 122 registers on sm_90, no spills and 25% occupancy: about
+# 49 KB of loads in flight per SM, over twice what the memory latency needs. The runner-up, 1024 in
+# 4 warps, has 50% occupancy but 64-bit code accesses. AMD (64-wide wavefronts): 4 wavefronts give 8
+# elements per thread (dwordx4 for 16-bit weights, dwordx2 for codes), 56 VGPRs and 8 waves per SIMD;
+# 2 wavefronts would give dwordx4 codes but the general variant then spills. Override with
+# LOWBIT_ADAMW_BLOCKS_PER_PROGRAM and LOWBIT_ADAMW_NUM_WARPS; `benchmarks/gpu_kernel_check.py --sweep`
+# times the alternatives on a GPU.
 GPU_ELEMENTS_PER_PROGRAM = 2048
+GPU_NUM_WARPS = 4
+ROCM_NUM_WARPS = 4
+ALIGN_ELEMENTS = 16  # per-element buffers: 16 elements is 16 bytes of codes, 64 of fp32
+ALIGN_BYTES = 16  # one scale per block: 16-byte aligned is enough for 128-bit loads of BPP >= 4 scales
 
 
 def triton_available() -> bool:
@@ -38,14 +55,33 @@ def unsupported_reason(p: torch.Tensor) -> str | None:
     return None
 
 
+def _env_power_of_two(name: str) -> int | None:
+    env = os.environ.get(name)
+    if not env:
+        return None
+    value = int(env)
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+    return value
+
+
 def default_blocks_per_program(block_size: int) -> int:
-    env = os.environ.get("LOWBIT_ADAMW_BLOCKS_PER_PROGRAM")
-    if env:
-        bpp = int(env)
-        if bpp < 1 or bpp & (bpp - 1):
-            raise ValueError(f"LOWBIT_ADAMW_BLOCKS_PER_PROGRAM must be a power of two, got {bpp}")
-        return bpp
-    return max(1, GPU_ELEMENTS_PER_PROGRAM // block_size)
+    return _env_power_of_two("LOWBIT_ADAMW_BLOCKS_PER_PROGRAM") or max(1, GPU_ELEMENTS_PER_PROGRAM // block_size)
+
+
+def default_num_warps(rocm: bool | None = None) -> int:
+    """Warps (wavefronts on ROCm) per program; ``rocm=None``: whichever GPU torch was built for."""
+    if rocm is None:
+        rocm = torch.version.hip is not None
+    return _env_power_of_two("LOWBIT_ADAMW_NUM_WARPS") or (ROCM_NUM_WARPS if rocm else GPU_NUM_WARPS)
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current CUDA device, so a bucket on
+    cuda:1 launched while cuda:0 is current would hand the kernel foreign pointers (device_map="auto")."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -61,10 +97,27 @@ def _offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return base, offs
 
 
+def _elements_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % (ALIGN_ELEMENTS * t.element_size()) == 0
+
+
+def _state_columns(states, names) -> list[list[torch.Tensor]]:
+    return [[s[n + suffix] for s in states] for n in names for suffix in ("_codes", "_absmax")]
+
+
+def is_aligned(param: torch.Tensor, grad: torch.Tensor, state: dict, names) -> bool:
+    """Whether one tensor may go to the vectorized variant (see the kernel's ALIGNED facts)."""
+    if param.numel() % ALIGN_ELEMENTS:
+        return False
+    per_element = [param, grad, *(state[n + "_codes"] for n in names)] + ([state["ema"]] if "ema" in state else [])
+    return all(_elements_aligned(t) for t in per_element) and all(
+        state[n + "_absmax"].data_ptr() % ALIGN_BYTES == 0 for n in names)
+
+
 class _Plan:
-    def __init__(self, params, states, names, block_size, bpp):
+    def __init__(self, params, states, names, block_size, bpp, slots, aligned):
         device = params[0].device
-        cols = [params] + [[s[n + suffix] for s in states] for n in names for suffix in ("_codes", "_absmax")]
+        cols = [params] + _state_columns(states, names)
         bases, offsets = [], []
         for tensors in cols:
             base, offs = _offsets(tensors)
@@ -78,24 +131,26 @@ class _Plan:
         else:  # never read (EMA off): any fp32 tensor will do
             ema_base, ema_offs = bases[2], [0] * len(params)
         numels = [p.numel() for p in params]
-        table = torch.tensor([list(row) + [n, e] for row, n, e in zip(zip(*offsets), numels, ema_offs)], dtype=torch.int64)
+        rows = [list(row) + [n, e, slot] for row, n, e, slot in zip(zip(*offsets), numels, ema_offs, slots)]
         self.ema_base = ema_base
         progs = [fmt.num_blocks(fmt.num_blocks(n, block_size), bpp) for n in numels]
         starts = [0]
         for c in progs:
             starts.append(starts[-1] + c)
         self.bases = bases  # p, mc, ma, vc, va, xc, xa
-        self.tensor_table = table.to(device)
-        self.prog_start = torch.tensor(starts, dtype=torch.int32).to(device)
+        self.aligned = aligned
+        with device_guard(device):
+            self.tensor_table = torch.tensor(rows, dtype=torch.int64).to(device)
+            self.prog_start = torch.tensor(starts, dtype=torch.int32).to(device)
         self.num_programs = starts[-1]
         self.num_tensors = len(params)
 
 
-def _plan_key(params, states, names, block_size, bpp):
+def _plan_key(params, states, names, block_size, bpp, slots):
     ptrs = tuple(p.data_ptr() for p in params)
-    sptrs = tuple(s[n + x].data_ptr() for s in states for n in names for x in ("_codes", "_absmax"))
+    sptrs = tuple(t.data_ptr() for col in _state_columns(states, names) for t in col)
     sptrs += tuple(s["ema"].data_ptr() for s in states if "ema" in s)
-    return (ptrs, sptrs, tuple(p.numel() for p in params), params[0].dtype, block_size, bpp, len(names))
+    return (ptrs, sptrs, tuple(p.numel() for p in params), params[0].dtype, block_size, bpp, len(names), tuple(slots))
 
 
 def _float_bits(values: list[float]) -> torch.Tensor:
@@ -115,70 +170,76 @@ def triton_step_8bit(
     generator: torch.Generator | None = None,
     grad_muls: list[float] | None = None,
     ema_moms: list[float] | None = None,
+    bad_blocks: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    force_general: bool = False,
 ) -> None:
-    """One fused launch over the bucket. ``skip`` (bool per tensor, on the device) leaves chosen
-    tensors untouched without a host sync."""
+    """The fused step over a bucket: one launch per alignment class (at most two). ``skip`` (bool per
+    tensor, on the device) leaves chosen tensors untouched without a host sync. ``bad_blocks`` (int32
+    per tensor, on the device) receives the blocks skipped for a non-finite gradient (sc.skip_nonfinite).
+    ``force_general`` sends every tensor to the general variant (tests)."""
     from lowbit_adamw.kernels import launch_adamw8bit
 
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not keep:
+    if not params:
         return
-    grad_muls = [1.0] * len(params) if grad_muls is None else list(grad_muls)
-    if len(keep) != len(params):
-        params, grads, states = [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
-        skip = None if skip is None else skip[keep]
-        grad_muls = [grad_muls[i] for i in keep]
-        ema_moms = None if ema_moms is None else [ema_moms[i] for i in keep]
+    device = params[0].device
     for p in params:
         reason = unsupported_reason(p)
         if reason:
             raise RuntimeError(f"the Triton step cannot take a parameter of shape {tuple(p.shape)}: {reason}. Use backend='torch'")
     bpp = blocks_per_program or default_blocks_per_program(block_size)
+    warps = num_warps or default_num_warps()
     names = state_names(sc.amsgrad)
-    key = _plan_key(params, states, names, block_size, bpp)
-    cache = plan_cache if plan_cache is not None else {}
-    plan = cache.get(key)
-    if plan is None:
-        cache.clear()  # one live plan per bucket: old addresses are stale once anything moved
-        plan = _Plan(params, states, names, block_size, bpp)
-        cache[key] = plan
-
+    muls = [1.0] * len(params) if grad_muls is None else list(grad_muls)
+    moms = ema_moms or [0.0] * len(params)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    g_base, g_offs = _offsets(grads)
-    corr = [sc.corrections(float(s["step"])) for s in states]
-    step_table = torch.stack(
-        [
-            torch.tensor(g_offs, dtype=torch.int64),
-            _float_bits([c[0] for c in corr]),
-            _float_bits([c[1] for c in corr]),
-            torch.zeros(len(params), dtype=torch.int64),
-            _float_bits(grad_muls),
-            _float_bits(ema_moms or [0.0] * len(params)),
-        ],
-        dim=1,
-    ).to(params[0].device)
-    if skip is not None:
-        step_table[:, 3] = skip.to(torch.int64)
+    cache = plan_cache if plan_cache is not None else {}
+    if bad_blocks is None:
+        bad_blocks = torch.zeros(len(params), dtype=torch.int32, device=device)
+
+    classes: dict[bool, list[int]] = {True: [], False: []}
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        if p.numel():
+            classes[not force_general and is_aligned(p, g, s, names)].append(i)
     seed = 0
     if sc.stochastic_rounding:
         # From torch's CPU generator, so torch.manual_seed makes runs repeatable.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-    b = plan.bases
-    scalars = (1.0 - sc.lr * sc.weight_decay, sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps)
-    launch_adamw8bit(
-        (b[0], g_base, b[1], b[2], b[3], b[4], b[5], b[6], plan.ema_base),
-        plan.tensor_table,
-        step_table,
-        plan.prog_start,
-        plan.num_tensors,
-        plan.num_programs,
-        scalars,
-        block_size=block_size,
-        blocks_per_program=bpp,
-        amsgrad=sc.amsgrad,
-        maximize=sc.maximize,
-        stochastic=sc.stochastic_rounding,
-        seed=seed,
-        clip_value=sc.clip_value,
-        ema=ema_moms is not None,
-    )
+    live_keys = set()
+    with device_guard(device):
+        for aligned, idx in classes.items():
+            if not idx:
+                continue
+            ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+            key = _plan_key(ps, ss, names, block_size, bpp, idx)
+            plan = cache.get(key)
+            if plan is None:
+                plan = cache[key] = _Plan(ps, ss, names, block_size, bpp, idx, aligned)
+            live_keys.add(key)
+            g_base, g_offs = _offsets(gs)
+            corr = [sc.corrections(float(s["step"])) for s in ss]
+            step_table = torch.stack(
+                [
+                    torch.tensor(g_offs, dtype=torch.int64),
+                    _float_bits([c[0] for c in corr]),
+                    _float_bits([c[1] for c in corr]),
+                    torch.zeros(len(idx), dtype=torch.int64),
+                    _float_bits([muls[i] for i in idx]),
+                    _float_bits([moms[i] for i in idx]),
+                    _float_bits([1.0 - moms[i] for i in idx]),
+                ],
+                dim=1,
+            ).to(device)
+            if skip is not None:
+                step_table[:, 3] = skip[idx].to(torch.int64)
+            b = plan.bases
+            launch_adamw8bit(
+                (b[0], g_base, b[1], b[2], b[3], b[4], b[5], b[6], plan.ema_base),
+                plan.tensor_table, step_table, plan.prog_start, plan.num_tensors, plan.num_programs, sc.constants(),
+                bad_blocks,
+                block_size=block_size, blocks_per_program=bpp, amsgrad=sc.amsgrad, maximize=sc.maximize,
+                stochastic=sc.stochastic_rounding, seed=seed, clip_value=sc.clip_value, ema=ema_moms is not None,
+                skip_nonfinite=sc.skip_nonfinite, aligned=aligned, num_warps=warps,
+            )
+    for key in [k for k in cache if k not in live_keys]:  # old addresses are stale once anything moved
+        del cache[key]

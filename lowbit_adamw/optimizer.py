@@ -12,10 +12,11 @@ from torch import nn
 
 from . import format as fmt
 from . import sharding
-from .functional import StepScalars, adamw8bit_step, fp32_state_step, state_names
+from .functional import adamw8bit_step, fp32_state_step
+from .step_spec import NONFINITE_MODES as _NONFINITE
+from .step_spec import StepScalars, state_names
 
 _BACKENDS = ("auto", "torch", "compiled", "triton")
-_NONFINITE = ("skip", "raise", "ignore")
 _VERSION_KEY = "lowbit_format_version"
 
 
@@ -47,10 +48,13 @@ class AdamW8bit(torch.optim.Optimizer):
         backend: ``"auto"`` (Triton for CUDA tensors when available; the torch.compile'd step on the
             CPU when a C++ compiler is found; else eager PyTorch), ``"torch"`` (eager), ``"compiled"``
             or ``"triton"``. Also settable with the environment variable ``LOWBIT_ADAMW_BACKEND``.
-        nonfinite: what a gradient with NaN/Inf does. ``"skip"`` (default): that tensor is not
-            updated this step, its parameter and state are left exactly as they were, and a warning
-            names it. ``"raise"``: raise before anything is updated. ``"ignore"``: no check (fastest;
-            NaN then propagates into that tensor's parameter and state, as in torch).
+        nonfinite: what a gradient with NaN/Inf does. ``"skip"`` (default): each quantization block
+            whose gradient holds NaN/Inf keeps its parameter values and state exactly as they were
+            (a tensor in fp32 state: the whole tensor), the rest updates, inside the step's own pass and
+            without a host sync; a warning names the tensors (on the CPU at once, on a GPU at the next
+            ``step()`` or ``state_dict()``), and ``opt.nonfinite_skipped`` totals them.
+            ``"raise"``: a checking pass raises before anything is updated. ``"ignore"``: no check
+            (NaN then propagates into that tensor's parameter and state, as in torch).
         fp32_state: parameters, modules or module types whose parameters keep fp32 state
             (e.g. ``fp32_state=[nn.Embedding]`` with ``model=model``, or ``fp32_state=[model.embed]``).
         model: the model to search when ``fp32_state`` names module types.
@@ -132,6 +136,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self._accum_grad_ids: dict[int, int] = {}
         self._fp32_forced: set[int] = set()
         self._plans: dict[tuple, dict] = defaultdict(dict)  # kernel tables per bucket, see kernel_launch
+        self._nonfinite_pending: list[tuple] = []  # (counts, labels, block size or None, event) not yet read, see _report_nonfinite
+        self._nonfinite_totals: dict[str, int] = {}
         super().__init__(params, defaults)
         if fp32_state is not None:
             self.force_fp32_state(*fp32_state, model=model)
@@ -269,19 +275,43 @@ class AdamW8bit(torch.optim.Optimizer):
     # ---- the step ------------------------------------------------------------------------------
 
     def _finite_mask(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[bool]:
+        """nonfinite="raise": one checking pass and one host sync (the default rule needs neither)."""
         grads = [sharding.local(g) for g in grads]
         nonempty = [g for g in grads if g.numel()]
-        # min and max of each gradient: NaN propagates through both, +Inf shows in the max and -Inf in
-        # the min. One host sync for the list. (aminmax is about 6x faster on the CPU than
-        # _foreach_norm(inf), which was a third of the whole step.)
+        # min and max of each gradient: NaN propagates through both, +Inf shows in the max and -Inf in the min.
         if nonempty:
             lo, hi = zip(*(torch.aminmax(g) for g in nonempty))
             finite = iter((torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack(hi))).tolist())
         else:
             finite = iter([])
         flags = torch.tensor([next(finite) if g.numel() else True for g in grads], dtype=torch.bool)
-        # Sharded tensors: skip on every rank or on none, or the shards of one parameter would diverge.
+        # Sharded tensors: raise on every rank or on none, or the ranks part ways in the next collective.
         return sharding.all_ranks_agree_finite(flags, params).tolist()
+
+    def _report_nonfinite(self, wait: bool) -> None:
+        """Warn about the blocks the last steps left untouched. Counts are read only once their copy to
+        the host has finished (``wait=False``: never blocks) or after waiting for it (``wait=True``)."""
+        still = []
+        for counts, labels, block, event in self._nonfinite_pending:
+            if event is not None and not wait and not event.query():
+                still.append((counts, labels, block, event))
+                continue
+            if event is not None:
+                event.synchronize()
+            bad = [(label, n) for label, n in zip(labels, counts.tolist()) if n]
+            for label, n in bad:
+                self._nonfinite_totals[label] = self._nonfinite_totals.get(label, 0) + n
+            if bad:
+                what = ", ".join(label if block is None else f"{label} ({n} block{'s' if n > 1 else ''} of {block})" for label, n in bad)
+                warnings.warn(f"AdamW8bit: left unchanged where the gradient has NaN or Inf: {what}", RuntimeWarning, stacklevel=4)
+        self._nonfinite_pending = still
+
+    @property
+    def nonfinite_skipped(self) -> dict[str, int]:
+        """Per parameter label, how many blocks (or whole fp32-state tensors) were left unchanged for a
+        non-finite gradient so far. Reading it waits for the counts of the last step."""
+        self._report_nonfinite(wait=True)
+        return dict(self._nonfinite_totals)
 
     # GradScaler's fused path: it sets ``grad_scale`` and ``found_inf`` on the optimizer instead of
     # unscaling the gradients itself; the step unscales inside its single pass and skips on inf.
@@ -289,6 +319,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self._nonfinite_pending:
+            self._report_nonfinite(wait=False)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -361,10 +393,10 @@ class AdamW8bit(torch.optim.Optimizer):
         # torch.nn.utils.clip_grad_norm_'s rule (Keras' global_clipnorm)
         return min(1.0, self.max_grad_norm / (total + 1e-6))
 
-    def _step_group(self, group: dict, base_mul: float = 1.0) -> None:
+    def _step_scalars(self, group: dict) -> StepScalars:
         beta1, beta2 = group["betas"]
         lr = group["lr"](self._updates) if callable(group["lr"]) else group["lr"]  # Keras: a schedule or callable
-        sc = StepScalars(
+        return StepScalars(
             lr=float(lr),
             beta1=float(beta1),
             beta2=float(beta2),
@@ -375,7 +407,11 @@ class AdamW8bit(torch.optim.Optimizer):
             bias_correction=bool(group["bias_correction"]),
             stochastic_rounding=bool(group["stochastic_rounding"]),
             clip_value=math.inf if group.get("clip_value") is None else float(group["clip_value"]),
+            skip_nonfinite=self.nonfinite == "skip",
         )
+
+    def _step_group(self, group: dict, base_mul: float = 1.0) -> None:
+        sc = self._step_scalars(group)
         if group.get("loss_scale") is not None:
             base_mul = base_mul / float(group["loss_scale"])
         entries = []
@@ -387,19 +423,15 @@ class AdamW8bit(torch.optim.Optimizer):
             entries.append((p, p.grad, label))
         if not entries:
             return
-        if self.nonfinite != "ignore":
+        if self.nonfinite == "raise":
             by_device = defaultdict(list)
             for e in entries:
                 by_device[e[0].device].append(e)
-            entries = []
             for dev_entries in by_device.values():
                 ok = self._finite_mask([e[0] for e in dev_entries], [e[1] for e in dev_entries])
                 bad = [e[2] for e, fine in zip(dev_entries, ok) if not fine]
-                if bad and self.nonfinite == "raise":
-                    raise FloatingPointError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}")
                 if bad:
-                    warnings.warn(f"AdamW8bit: skipped the update of {', '.join(bad)}: its gradient has NaN or Inf", RuntimeWarning, stacklevel=3)
-                entries += [e for e, fine in zip(dev_entries, ok) if fine]
+                    raise FloatingPointError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}")
 
         buckets: dict[tuple, list] = defaultdict(list)
         for p, g, label in entries:
@@ -416,12 +448,13 @@ class AdamW8bit(torch.optim.Optimizer):
             if p.numel() == 0:  # an empty shard: nothing to update, but keep step counts equal on all ranks
                 state["step"] += 1
                 continue
-            buckets[(p.device, p.dtype, kind)].append((p, g, state))
+            buckets[(p.device, p.dtype, kind)].append((p, g, state, label))
 
         for (device, _dtype, kind), items in buckets.items():
             params = [x[0] for x in items]
             grads = [x[1] for x in items]
             states = [x[2] for x in items]
+            counts = torch.zeros(len(items), dtype=torch.int32, device=device) if sc.skip_nonfinite else None
             muls = [base_mul] * len(params)
             moms = None
             if self.ema_decay is not None:  # Keras: the first update copies the weights into the average
@@ -434,15 +467,30 @@ class AdamW8bit(torch.optim.Optimizer):
                     s["step"] += 1
                 adamw8bit_step(
                     params, grads, states, sc, block_size=group["block_size"], backend=self._resolve_backend(device),
-                    plan_cache=self._plans[(id(group), device, _dtype)], grad_muls=muls, ema_moms=moms,
+                    plan_cache=self._plans[(id(group), device, _dtype)], grad_muls=muls, ema_moms=moms, bad_blocks=counts,
                 )
             else:
                 fp32_state_step(params, grads, states, sc, foreach=group["foreach"], fused=group["fused"], grad_muls=muls,
-                                ema_moms=moms)
+                                ema_moms=moms, bad_tensors=counts)
+            if counts is not None:
+                self._defer_nonfinite_report(counts, [x[3] for x in items], group["block_size"] if kind == "8bit" else None)
+        if self._nonfinite_pending and all(p[3] is None for p in self._nonfinite_pending):
+            self._report_nonfinite(wait=True)  # CPU only: the counts are already on the host
+
+    def _defer_nonfinite_report(self, counts: torch.Tensor, labels: list[str], block: int | None) -> None:
+        if counts.device.type == "cpu":
+            self._nonfinite_pending.append((counts, labels, block, None))
+            return
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)  # read at the next step, once the copy has landed: no sync now
+        event = torch.cuda.Event()
+        event.record()
+        self._nonfinite_pending.append((host, labels, block, event))
 
     # ---- state dict ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        self._report_nonfinite(wait=True)
         sd = super().state_dict()
         sd["lowbit_adamw"] = {"format_version": fmt.FORMAT_VERSION, "block_size": self.defaults["block_size"]}
         # torch.distributed.checkpoint keeps only "state" and "param_groups": the version rides there too.

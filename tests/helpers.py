@@ -34,3 +34,72 @@ def dequantized(opt, p, name):
         block = [g for g in opt.param_groups if any(q is p for q in g["params"])][0]["block_size"]
         return fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name), block).view_as(p)
     return s[name]
+
+
+# ---- backend against the eager oracle --------------------------------------------------------------
+# The three backends follow one spec to the bit (lowbit_adamw.step_spec), so on the CPU they agree
+# exactly. The comparison below is the principled bound that also holds where a platform's division
+# or square root is off by an ulp: a code may differ only where the oracle's pre-rounding companded
+# value sits within a few fp32 ulps of a rounding boundary, and then by one; nowhere else.
+
+BOUNDARY_ULPS = 4
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at |x| (x in fp32), floored at the smallest normal's spacing."""
+    fi = torch.finfo(dtype)
+    _, e = torch.frexp(x.float().abs().clamp_min(fi.tiny))
+    return torch.ldexp(torch.full_like(x, fi.eps, dtype=torch.float32), e - 1)
+
+
+def oracle_moments(param, grad, state, sc, block_size, grad_mul=1.0):
+    """The fp32 moments (name -> flat tensor) the eager step encodes, from the state *before* the step
+    (state["step"] already incremented), computed on copies with the oracle's own functions."""
+    from lowbit_adamw import format as fmt
+    from lowbit_adamw import functional as F
+    from lowbit_adamw.step_spec import state_names
+
+    names = state_names(sc.amsgrad)
+    values = {n: fmt.dequantize_blockwise(state[n + "_codes"], state[n + "_absmax"], fmt.is_signed(n), block_size) for n in names}
+    p32 = param.detach().reshape(-1).to(torch.float32, copy=True)
+    g32 = grad.reshape(-1).to(torch.float32, copy=True)
+    step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
+    F._update_chunk(p32, g32, values["exp_avg"], values["exp_avg_sq"], values.get("max_exp_avg_sq"), sc, step_size, inv_bc2_sqrt, grad_mul)
+    return values
+
+
+def companded(x: torch.Tensor, signed: bool, block_size: int) -> torch.Tensor:
+    """The value the encoder floors (after + 0.5): sqrt(|x| / absmax) * 127 or (x / absmax)**(1/4) * 255."""
+    from lowbit_adamw import format as fmt
+
+    n = x.numel()
+    pad = torch.zeros(fmt.num_blocks(n, block_size) * block_size, device=x.device)
+    pad[:n] = x
+    rows = pad.view(-1, block_size)
+    a = rows.abs().amax(dim=1, keepdim=True) if signed else rows.amax(dim=1, keepdim=True)
+    s = rows * torch.where(a > 0, 1.0 / a, torch.zeros_like(a))
+    c = fmt.sqrt_rn(s.abs()) * fmt.M_LEVELS if signed else fmt.sqrt_rn(fmt.sqrt_rn(s)) * fmt.V_LEVELS
+    return c.reshape(-1)[:n]
+
+
+def assert_codes_match(oracle_state, other_state, moments, block_size, where=""):
+    """Codes of ``other_state`` equal the oracle's except, by one, where the oracle's companded value is
+    within BOUNDARY_ULPS fp32 ulps of a rounding boundary; scales within 2 fp32 ulps."""
+    from lowbit_adamw import format as fmt
+
+    for name, x in moments.items():
+        a, b = oracle_state[name + "_codes"].int(), other_state[name + "_codes"].int()
+        diff = (a - b).abs()
+        if diff.any():
+            c = companded(x, fmt.is_signed(name), block_size) + 0.5
+            near = (c - c.round()).abs() <= BOUNDARY_ULPS * ulp(c, torch.float32)
+            bad = (diff > 1) | ((diff == 1) & ~near)
+            assert not bad.any(), f"{where}{name}: {int(bad.sum())} codes differ away from a rounding boundary, e.g. at {bad.nonzero()[:5].flatten().tolist()}"
+        sa, sb = oracle_state[name + "_absmax"], other_state[name + "_absmax"]
+        assert ((sa - sb).abs() <= 2 * ulp(sa, torch.float32)).all(), f"{where}{name}_absmax"
+
+
+def assert_params_within_ulp(a: torch.Tensor, b: torch.Tensor, where=""):
+    """Every element within one ulp of the parameter dtype."""
+    d = (a.float() - b.float()).abs()
+    assert (d <= ulp(a.float(), a.dtype)).all(), f"{where}: {int((d > ulp(a.float(), a.dtype)).sum())} elements more than 1 ulp apart"

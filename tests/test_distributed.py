@@ -121,12 +121,14 @@ def test_ddp_unchanged(tmp_path):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-4)
 
 
-def test_nonfinite_on_one_shard_skips_on_every_rank(tmp_path):
+def test_nonfinite_on_one_shard_leaves_only_its_block(tmp_path):
     # (the same workers also check the 8-bit rule, below)
     spawn(W.nonfinite_on_one_rank, 2, str(tmp_path))
     for r in (0, 1):
         res = torch.load(tmp_path / f"nonfinite_r{r}.pt")
-        assert res["unchanged"] and res["warned"] and res["others_moved"], (r, res)
+        assert res["unchanged"] and res["rest_moved"] and res["others_moved"], (r, res)
+    assert torch.load(tmp_path / "nonfinite_r1.pt")["warned"]  # the rank that saw it says so
+    assert not torch.load(tmp_path / "nonfinite_r0.pt")["warned"]
 
 
 def test_sharded_rows_that_are_not_whole_blocks_keep_fp32_state(tmp_path):

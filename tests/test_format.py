@@ -90,3 +90,30 @@ def test_maps_are_monotonic_and_cover_the_range():
 def test_bad_block_size_is_refused(bad):
     with pytest.raises(ValueError, match="block_size"):
         fmt.check_block_size(bad)
+
+
+def test_backend_comparison_allows_a_code_apart_only_at_a_rounding_boundary():
+    # the comparison the backend tests use (tests/helpers.py) must be able to fail
+    from helpers import assert_codes_match
+
+    block = 64
+    x = torch.randn(300) * 0.1
+    codes, absmax = fmt.quantize_blockwise(x, True, block)
+    oracle = {"exp_avg_codes": codes, "exp_avg_absmax": absmax}
+    assert_codes_match(oracle, {"exp_avg_codes": codes.clone(), "exp_avg_absmax": absmax.clone()}, {"exp_avg": x}, block)
+    c = (x.abs() / absmax.repeat_interleave(block)[:300]).sqrt() * 127
+    far = int(((c - c.floor()) - 0.5).abs().argmax())  # the element farthest from its boundary
+    other = codes.clone()
+    other[far] += 1 if other[far] < 254 else -1
+    with pytest.raises(AssertionError, match="away from a rounding boundary"):
+        assert_codes_match(oracle, {"exp_avg_codes": other, "exp_avg_absmax": absmax}, {"exp_avg": x}, block)
+    # an element placed exactly on a boundary may round either way
+    y = x.clone()
+    y[0] = absmax[0]  # the block's scale stays absmax[0]
+    y[5] = absmax[0] * (10.5 / 127) ** 2  # sqrt(y / absmax) * 127 = 10.5: on the boundary between q = 10 and 11
+    cy, ay = fmt.quantize_blockwise(y, True, block)
+    q = int(cy[5]) - fmt.M_ZERO_CODE
+    assert q in (10, 11)
+    flipped = cy.clone()
+    flipped[5] = fmt.M_ZERO_CODE + (21 - q)
+    assert_codes_match({"exp_avg_codes": cy, "exp_avg_absmax": ay}, {"exp_avg_codes": flipped, "exp_avg_absmax": ay}, {"exp_avg": y}, block)

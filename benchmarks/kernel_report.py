@@ -1,0 +1,271 @@
+"""The fused kernel, compiled ahead of time for real GPUs on a machine that has none: static figures.
+
+    python benchmarks/kernel_report.py [--quick] [--targets sm_80,sm_90,gfx90a,gfx942] [--sweep]
+                                       [--out benchmarks/results/kernel_report.json] [--ptx-dir benchmarks/results/ptx]
+
+Every variant the optimizer can launch (param dtype x amsgrad x stochastic rounding x EMA x aligned/general,
+with the default non-finite rule) is compiled by Triton for each target (no driver needed), and its
+assembly is read: global loads/stores by width, registers, spills, shared memory, occupancy at the chosen
+launch shape, and the bytes a step moves per parameter. From those bytes and the published memory
+bandwidth of a GPU comes a floor for one Llama-2-7B step, beside the same floor for torch's fused AdamW
+with fp32 state. These are static figures: what the compiler produced and what the memory system allows,
+not timings. --quick: the default variants only (what the test suite runs). --sweep: registers and
+occupancy for other blocks-per-program / warp counts of the bf16 default variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces @triton.jit: compile for real here
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lowbit_adamw import format as fmt  # noqa: E402
+from lowbit_adamw import kernel_launch  # noqa: E402
+from lowbit_adamw.kernels import adamw8bit_kernel, variant_constexprs  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import machine  # noqa: E402
+
+# name: (backend, arch, warp size, registers per SM, max warps per SM, shared memory per SM in bytes)
+TARGETS = {
+    "sm_80": ("cuda", 80, 32, 65536, 64, 164 * 1024),
+    "sm_90": ("cuda", 90, 32, 65536, 64, 228 * 1024),
+    "gfx90a": ("hip", "gfx90a", 64, None, None, 64 * 1024),
+    "gfx942": ("hip", "gfx942", 64, None, None, 64 * 1024),
+}
+# Published peak memory bandwidths (bytes/s) of the cards each target stands for.
+GPUS = {
+    "sm_90": [("H100 SXM", 3.35e12)],
+    "sm_80": [("A100 80GB SXM", 2.039e12), ("RTX 4090 (sm_89, runs sm_80 code)", 1.008e12)],
+    "gfx942": [("MI300X", 5.3e12)],
+    "gfx90a": [("MI250X (per GCD: half of 3.2768 TB/s)", 1.6384e12)],
+}
+LLAMA2_7B_PARAMS = 6_738_415_616
+DTYPES = {"fp32": ("*fp32", 4), "bf16": ("*bf16", 2), "fp16": ("*fp16", 2)}
+DEFAULT_BLOCK = fmt.DEFAULT_BLOCK_SIZE
+
+
+def launch_shape(backend: str) -> tuple[int, int]:
+    """(blocks per program, num_warps) the optimizer launches with on this kind of GPU."""
+    return kernel_launch.default_blocks_per_program(DEFAULT_BLOCK), kernel_launch.default_num_warps(backend == "hip")
+
+
+def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, ema=False, aligned=True, bpp=None, warps=None):
+    backend, arch, warp_size = TARGETS[target][:3]
+    d_bpp, d_warps = launch_shape(backend)
+    bpp, warps = bpp or d_bpp, warps or d_warps
+    ptr = DTYPES[dtype][0]
+    types = dict(p_base=ptr, g_base=ptr, mc_base="*u8", ma_base="*fp32", vc_base="*u8", va_base="*fp32", xc_base="*u8",
+                 xa_base="*fp32", e_base="*fp32", tensor_table="*i64", step_table="*i64", prog_start="*i32",
+                 num_tensors="i32", bad_blocks="*i32", decay="fp32", beta1="fp32", one_minus_beta1="fp32", beta2="fp32",
+                 one_minus_beta2="fp32", eps="fp32", clip_value="fp32", seed="i32")
+    names = adamw8bit_kernel.arg_names
+    signature = {n: types.get(n, "constexpr") for n in names}
+    # At launch Triton marks pointer arguments 16-byte aligned when they are; torch's allocations always are.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if types.get(n, "").startswith("*")}
+    constexprs = variant_constexprs(200, DEFAULT_BLOCK, bpp, amsgrad, False, stochastic, False, ema, True, aligned)
+    src = ASTSource(adamw8bit_kernel, signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=dict(num_warps=warps, enable_fp_fusion=False))
+    return kernel, bpp, warps
+
+
+# ---- reading the assembly ------------------------------------------------------------------------
+
+_PTX_MEM = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global((?:\.[a-zA-Z0-9_:]+)*)\s", re.M)
+
+
+def ptx_memory_ops(ptx: str) -> Counter:
+    """Global loads/stores of the PTX by kind, e.g. {'ld.v4.b32': 6, 'st.b8': 0, ...} (static count)."""
+    ops = Counter()
+    for op, mods in _PTX_MEM.findall(ptx):
+        parts = mods.split(".")
+        vec = next((p for p in parts if re.fullmatch(r"v\d", p)), None)
+        width = next((p for p in parts if re.fullmatch(r"[bsuf]\d+", p)), "?")
+        ops[f"{op}.{vec + '.' if vec else ''}{width}"] += 1
+    return ops
+
+
+def scalar_narrow_nvidia(ops: Counter) -> int:
+    return sum(n for k, n in ops.items() if k.count(".") == 1 and k.split(".")[1][1:] in ("8", "16"))
+
+
+_AMD_MEM = re.compile(r"^\s*(global|buffer)_(load|store)_(\w+)", re.M)
+
+
+def amdgcn_memory_ops(asm: str) -> Counter:
+    return Counter(f"{a}_{op}_{w}" for a, op, w in _AMD_MEM.findall(asm))
+
+
+def scalar_narrow_amd(ops: Counter) -> int:
+    return sum(n for k, n in ops.items() if re.search(r"_(u|s)?(byte|short)(_d16(_hi)?)?$", k))
+
+
+def ptxas_figures(ptx: str, arch: int) -> dict:
+    """Registers and spills from ptxas -v, with the ptxas Triton itself uses for this architecture."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch={sm}", "-v", path, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    if out.returncode:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill_st = int(re.search(r"(\d+) bytes spill stores", text).group(1))
+    spill_ld = int(re.search(r"(\d+) bytes spill loads", text).group(1))
+    return dict(registers=regs, spill_bytes=spill_st + spill_ld, ptxas=os.path.basename(ptxas))
+
+
+def occupancy_nvidia(target: str, regs: int, warps: int, smem: int) -> dict:
+    _, _, _, regs_per_sm, max_warps, smem_per_sm = TARGETS[target]
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    by_regs = regs_per_sm // per_warp // warps
+    by_smem = smem_per_sm // smem if smem else 32
+    blocks = min(by_regs, by_smem, 32, max_warps // warps)
+    return dict(blocks_per_sm=blocks, occupancy=blocks * warps / max_warps,
+                limited_by="registers" if blocks == by_regs else "shared memory" if blocks == by_smem else "warps")
+
+
+def amd_figures(asm: str) -> dict:
+    def grab(pattern, default=0):
+        m = re.search(pattern, asm)
+        return int(m.group(1)) if m else default
+
+    # spill_bytes: scratch memory per work-item (VGPRs spilled to memory); SGPR spills land in VGPR lanes
+    return dict(registers=grab(r"\.vgpr_count:\s+(\d+)"), sgprs=grab(r"\.sgpr_count:\s+(\d+)"),
+                spilled_vgprs=grab(r"\.vgpr_spill_count:\s+(\d+)"), spill_bytes=grab(r"; ScratchSize: (\d+)"),
+                waves_per_simd=grab(r"; Occupancy: (\d+)"))
+
+
+# ---- bytes and floors --------------------------------------------------------------------------------
+
+def bytes_per_param(dtype: str, amsgrad=False, ema=False, block=DEFAULT_BLOCK) -> float:
+    """Bytes one step moves per parameter: param read+write, grad read, codes and scales read+write."""
+    e = DTYPES[dtype][1]
+    moments = 3 if amsgrad else 2
+    return 2 * e + e + moments * (2 + 2 * 4 / block) + (8 if ema else 0)
+
+
+def torch_fused_bytes_per_param(dtype: str) -> float:
+    """torch's fused AdamW with fp32 state: param read+write, grad read, m and v read+write in fp32."""
+    e = DTYPES[dtype][1]
+    return 3 * e + 16
+
+
+def floors(target: str, dtype: str, bpp_bytes: float) -> list[dict]:
+    out = []
+    for gpu, bw in GPUS[target]:
+        out.append(dict(gpu=gpu, bandwidth_TBps=bw / 1e12, llama2_7b_step_ms=LLAMA2_7B_PARAMS * bpp_bytes / bw * 1e3,
+                        torch_fused_fp32_state_ms=LLAMA2_7B_PARAMS * torch_fused_bytes_per_param(dtype) / bw * 1e3))
+    return out
+
+
+def report_variant(target, dtype, amsgrad=False, stochastic=False, ema=False, aligned=True, bpp=None, warps=None, ptx_dir=None):
+    kernel, bpp, warps = compile_variant(target, dtype, amsgrad, stochastic, ema, aligned, bpp, warps)
+    backend = TARGETS[target][0]
+    smem = int(getattr(kernel.metadata, "shared", 0) or 0)
+    row = dict(target=target, dtype=dtype, amsgrad=amsgrad, stochastic=stochastic, ema=ema, aligned=aligned,
+               blocks_per_program=bpp, elements_per_program=bpp * DEFAULT_BLOCK, num_warps=warps, shared_bytes=smem)
+    if backend == "cuda":
+        ptx = kernel.asm["ptx"]
+        ops = ptx_memory_ops(ptx)
+        row.update(ptxas_figures(ptx, TARGETS[target][1]))
+        row.update(occupancy_nvidia(target, row["registers"], warps, smem))
+        row["scalar_8_16_bit_global_ops"] = scalar_narrow_nvidia(ops)
+        text, ext = ptx, "ptx"
+    else:
+        asm = kernel.asm["amdgcn"]
+        ops = amdgcn_memory_ops(asm)
+        row.update(amd_figures(asm))
+        row["scalar_8_16_bit_global_ops"] = scalar_narrow_amd(ops)
+        text, ext = asm, "amdgcn"
+    row["global_memory_ops"] = dict(sorted(ops.items()))
+    row["bytes_per_param"] = bytes_per_param(dtype, amsgrad, ema)
+    row["floors"] = floors(target, dtype, row["bytes_per_param"])
+    if ptx_dir:
+        os.makedirs(ptx_dir, exist_ok=True)
+        name = f"{target}_{dtype}{'_amsgrad' if amsgrad else ''}{'_sr' if stochastic else ''}{'_ema' if ema else ''}_{'aligned' if aligned else 'general'}.{ext}"
+        with open(os.path.join(ptx_dir, name), "w") as f:
+            f.write(text)
+    return row
+
+
+def variants(quick: bool):
+    if quick:  # the default options: fp32 and bf16 weights, aligned and general
+        for dtype in ("fp32", "bf16"):
+            for aligned in (True, False):
+                yield dict(dtype=dtype, aligned=aligned)
+        return
+    for dtype in DTYPES:
+        for amsgrad in (False, True):
+            for stochastic in ((False,) if dtype == "fp32" else (False, True)):  # fp32 weights round exactly
+                for ema in (False, True):
+                    for aligned in (True, False):
+                        yield dict(dtype=dtype, amsgrad=amsgrad, stochastic=stochastic, ema=ema, aligned=aligned)
+
+
+def sweep(target: str) -> list[dict]:
+    rows = []
+    backend = TARGETS[target][0]
+    for bpp in (4, 8, 16):
+        for warps in (2, 4, 8):
+            r = report_variant(target, "bf16", bpp=bpp, warps=warps)
+            per_thread = bpp * DEFAULT_BLOCK // (warps * TARGETS[target][2])
+            keep = ("blocks_per_program", "elements_per_program", "num_warps", "registers", "spill_bytes", "occupancy",
+                    "waves_per_simd", "scalar_8_16_bit_global_ops", "global_memory_ops")
+            rows.append({**{k: r[k] for k in keep if k in r}, "elements_per_thread": per_thread,
+                         "chosen": (bpp, warps) == launch_shape(backend)})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--quick", action="store_true", help="default variants only")
+    ap.add_argument("--sweep", action="store_true", help="also sweep blocks per program and warps (bf16, aligned)")
+    ap.add_argument("--out", default="benchmarks/results/kernel_report.json")
+    ap.add_argument("--ptx-dir", default=None, help="write each variant's PTX / AMDGCN here")
+    args = ap.parse_args(argv)
+    targets = args.targets.split(",")
+    for t in targets:
+        if t not in TARGETS:
+            ap.error(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
+    rows = [report_variant(t, ptx_dir=args.ptx_dir, **v) for t in targets for v in variants(args.quick)]
+    result = dict(
+        note="Static figures from ahead-of-time compilation (no GPU was used): instruction counts, registers, "
+             "occupancy and bandwidth floors, not timings.",
+        machine=machine(), triton=triton.__version__, block_size=DEFAULT_BLOCK, variants=rows,
+        sweep={t: sweep(t) for t in targets} if args.sweep else None,
+        command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+    )
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"{'target':7} {'dtype':5} {'variant':22} {'regs':>4} {'spill':>5} {'occ':>5} {'narrow':>6} {'B/param':>7}  loads/stores")
+    for r in rows:
+        flags = "+".join(k for k in ("amsgrad", "stochastic", "ema") if r[k]) or "default"
+        occ = f"{r['occupancy']:.2f}" if "occupancy" in r else f"{r['waves_per_simd']}w"
+        print(f"{r['target']:7} {r['dtype']:5} {flags + (' aligned' if r['aligned'] else ' general'):22} {r['registers']:4d} "
+              f"{r['spill_bytes']:5d} {occ:>5} {r['scalar_8_16_bit_global_ops']:6d} {r['bytes_per_param']:7.2f}  "
+              + " ".join(f"{k}:{n}" for k, n in r["global_memory_ops"].items()))
+    print("static figures (compiled, not run): no GPU timing is implied")
+    return result
+
+
+if __name__ == "__main__":
+    main()
