@@ -18,6 +18,7 @@ def machine() -> dict:
             pass
     cuda = torch.cuda.is_available()
     return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+                cpu_isa=torch.backends.cpu.get_cpu_capability(),  # the ATen code path the CPU numbers came from
                 threads=torch.get_num_threads(), versions=versions, date=datetime.date.today().isoformat(),
                 command="python " + " ".join(sys.argv))
 
@@ -36,3 +37,10 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def step_bytes_per_param(param_bytes: int, amsgrad=False, ema=False, block_size: int = 256) -> float:
+    """Bytes one fused 8-bit step moves per parameter: weight read+write, gradient read (weight dtype),
+    codes and scales of each moment read+write, and the fp32 EMA read+write."""
+    moments = 3 if amsgrad else 2
+    return 3 * param_bytes + moments * (2 + 2 * 4 / block_size) + (8 if ema else 0)

@@ -34,7 +34,7 @@ from lowbit_adamw import kernel_launch  # noqa: E402
 from lowbit_adamw.kernels import adamw8bit_kernel, variant_constexprs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import machine  # noqa: E402
+from benchlib import machine, step_bytes_per_param  # noqa: E402
 
 # name: (backend, arch, warp size, registers per SM, max warps per SM, shared memory per SM in bytes)
 TARGETS = {
@@ -114,7 +114,8 @@ def ptxas_figures(ptx: str, arch: int) -> dict:
     """Registers and spills from ptxas -v, with the ptxas Triton itself uses for this architecture."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(arch).path
+    tool = get_ptxas(arch)
+    ptxas = tool.path if hasattr(tool, "path") else tool[0]  # triton < 3.4: (path, version)
     sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
@@ -154,10 +155,7 @@ def amd_figures(asm: str) -> dict:
 # ---- bytes and floors --------------------------------------------------------------------------------
 
 def bytes_per_param(dtype: str, amsgrad=False, ema=False, block=DEFAULT_BLOCK) -> float:
-    """Bytes one step moves per parameter: param read+write, grad read, codes and scales read+write."""
-    e = DTYPES[dtype][1]
-    moments = 3 if amsgrad else 2
-    return 2 * e + e + moments * (2 + 2 * 4 / block) + (8 if ema else 0)
+    return step_bytes_per_param(DTYPES[dtype][1], amsgrad, ema, block)
 
 
 def torch_fused_bytes_per_param(dtype: str) -> float:

@@ -112,7 +112,7 @@ def main():
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     base = med.get("torch AdamW fused")
     tensors = len(next(iter(runs.values()))[0])
-    print(f"{n / 1e6:.1f}M params in {tensors} tensors, {args.dtype}, {device}, {torch.get_num_threads()} threads")
+    print(f"{n / 1e6:.1f}M params in {tensors} tensors, {args.dtype}, {device} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
     for k, v in med.items():
         print(f"{k:<24}{v:>10.1f} ms{'' if not base else f'{v / base:>8.2f}x fused':>16}")
     payload = dict(median_ms=med, ratio_to_torch_fused={k: v / base for k, v in med.items()} if base else {},

@@ -133,12 +133,13 @@ def adamw8bit_kernel(
         g = tl.load(g_base + g_off + idx, mask=mask, other=0.0).to(tl.float32)
         if SKIP_NONFINITE:
             # |g| <= FLT_MAX is false for NaN and for +-Inf. A bad block stores nothing at all.
-            bad = tl.max((~(tl.abs(g) <= 3.4028234663852886e38)).to(tl.int32), axis=1) > 0
-            n_bad = tl.sum(bad.to(tl.int32), axis=0)
+            bad = tl.max(tl.where(tl.abs(g) <= 3.4028234663852886e38, 0, 1), axis=1)  # 1 for a bad block
+            n_bad = tl.sum(bad, axis=0)
             if n_bad > 0:
                 tl.atomic_add(bad_blocks + slot, n_bad)
-            bmask = bmask & ~bad
-            mask = mask & ~bad[:, None]
+            good = bad == 0
+            bmask = bmask & good
+            mask = mask & good[:, None]
 
         # decode (format v1): m = sign(q) (q/127)^2 absmax, v = (c/255)^4 absmax
         mq = (tl.load(mc_base + mc_off + idx, mask=mask, other=127).to(tl.float32) - 127.0) * (1.0 / 127.0)

@@ -280,9 +280,14 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
         ok = ok_blocks = None
         if sc.skip_nonfinite:  # step_spec's block rule: bad blocks are computed, then not written
             ok_blocks = _finite_blocks(g32, block_size)
-            ok = _block_flags_to_elements(ok_blocks, stop - start, block_size)
             if bad_blocks is not None:
                 bad_blocks.add_((~ok_blocks).sum())
+            # On the CPU reading the flags costs nothing, and an all-finite chunk (the usual case)
+            # needs no masking; elsewhere (eager CUDA, no Triton) mask always rather than wait for the host.
+            if param.device.type != "cpu" or not bool(ok_blocks.all()):
+                ok = _block_flags_to_elements(ok_blocks, stop - start, block_size)
+            else:
+                ok_blocks = None
         moments = []
         for name in names:
             codes = state[name + "_codes"][start:stop]

@@ -481,10 +481,13 @@ class AdamW8bit(torch.optim.Optimizer):
         if counts.device.type == "cpu":
             self._nonfinite_pending.append((counts, labels, block, None))
             return
+        from .kernel_launch import device_guard
+
         host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-        host.copy_(counts, non_blocking=True)  # read at the next step, once the copy has landed: no sync now
-        event = torch.cuda.Event()
-        event.record()
+        with device_guard(counts.device):  # the copy and the event on the stream of the counts' own GPU
+            host.copy_(counts, non_blocking=True)  # read at the next step, once the copy has landed: no sync now
+            event = torch.cuda.Event()
+            event.record()
         self._nonfinite_pending.append((host, labels, block, event))
 
     # ---- state dict ----------------------------------------------------------------------------

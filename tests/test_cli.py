@@ -35,7 +35,8 @@ def test_gpu_kernel_check_script_smoke_runs_under_interpreter(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernel_check.py"
     out = tmp_path / "r.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--sweep", "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert res["max_code_diff_vs_torch"] <= 1 and res["max_param_diff_vs_torch"] < 1e-2
+    assert res["max_code_diff_vs_torch"] == 0 and res["max_param_diff_vs_torch"] == 0  # one spec, to the bit
+    assert len(res["sweep"]) == 18 and sum(s["chosen"] for s in res["sweep"]) == 1

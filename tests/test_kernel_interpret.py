@@ -216,3 +216,46 @@ def test_optimizer_uses_kernel_when_forced():
         ob.step()
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert len(ob._plans) == 1
+
+
+def test_every_bucket_launches_under_its_own_device(monkeypatch):
+    # Triton launches on the current CUDA device; with device_map="auto" buckets live on several GPUs.
+    # On the CPU a recording stand-in shows the guard is entered around each bucket's launch.
+    import contextlib
+
+    from lowbit_adamw import AdamW8bit
+    from lowbit_adamw import kernel_launch as KL
+    import lowbit_adamw.kernels as K
+
+    events = []
+
+    def guard(device):
+        events.append(("enter", device))
+        return contextlib.nullcontext()
+
+    def launch(*a, **k):
+        events.append(("launch", a[0][0].device))
+        return K.adamw8bit.launch_adamw8bit(*a, **k)
+
+    monkeypatch.setattr(KL, "device_guard", guard)
+    monkeypatch.setattr(K, "launch_adamw8bit", launch)
+    ps = [torch.nn.Parameter(torch.randn(5000, device=DEVICE)), torch.nn.Parameter(torch.randn(5000, device=DEVICE).bfloat16())]
+    opt = AdamW8bit(ps, backend="triton")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    events.clear()
+    opt.step()  # tables cached: only the launches themselves now
+    launches = [i for i, e in enumerate(events) if e[0] == "launch"]
+    assert len(launches) == 2  # one bucket per dtype
+    for prev, i in zip([-1] + launches, launches):  # a guard for that bucket's device since the last launch
+        assert ("enter", events[i][1]) in events[prev + 1:i], events
+
+
+def test_device_guard_names_the_bucket_device():
+    from lowbit_adamw.kernel_launch import device_guard
+
+    g = device_guard(torch.device("cuda", 1))
+    assert isinstance(g, torch.cuda.device) and g.idx == 1  # entered only on a GPU machine
+    with device_guard(torch.device("cpu")):
+        pass
