@@ -1,7 +1,7 @@
 """Fused 8-bit AdamW step for a whole bucket of tensors: decode -> AdamW -> encode, one pass.
 
 Pure Triton over tensors and scalars; the state format is ``lowbit_adamw.format`` (v1) and the update
-is the one written in ``lowbit_adamw.functional``. Nothing here knows about optimizers.
+is the one written in ``lowbit_adamw.step_spec``. Nothing here knows about optimizers.
 
 How a bucket becomes one launch
 -------------------------------
