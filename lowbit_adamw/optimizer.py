@@ -58,6 +58,16 @@ class AdamW8bit(torch.optim.Optimizer):
         fp32_state: parameters, modules or module types whose parameters keep fp32 state
             (e.g. ``fp32_state=[nn.Embedding]`` with ``model=model``, or ``fp32_state=[model.embed]``).
         model: the model to search when ``fp32_state`` names module types.
+        step_in_backward: update each parameter during ``backward()``, as soon as its gradient is
+            complete, and free the gradient right away, so only a few layers' gradients are ever alive
+            (torchtune's ``optimizer_in_bwd``, natively: parameters whose gradients are ready join a
+            pending bucket, stepped as one fused call when it reaches ``step_in_backward_bucket_mb`` of
+            gradients and at the end of backward). ``step(closure)`` then only runs the closure and
+            ``zero_grad()`` does nothing. Single device only; ``max_grad_norm`` and
+            ``accumulation_steps > 1`` are refused (they need all gradients at once), and so is
+            GradScaler, at its first step. Per-tensor ``clip_norm``/``clip_value``, schedulers, EMA,
+            the non-finite rule, weight tying, activation checkpointing and checkpoints all work.
+        step_in_backward_bucket_mb: gradient megabytes that trigger a bucket's step (default 64).
 
     Param groups may set any of the hyper-parameters above plus ``fp32_state=True`` for the whole group.
     """
@@ -89,6 +99,8 @@ class AdamW8bit(torch.optim.Optimizer):
         accumulation_steps: int = 1,
         ema_decay: float | None = None,
         ema_overwrite_frequency: int | None = None,
+        step_in_backward: bool = False,
+        step_in_backward_bucket_mb: float = 64.0,
     ):
         backend = backend or os.environ.get("LOWBIT_ADAMW_BACKEND", "auto")
         if backend not in _BACKENDS:
@@ -138,6 +150,20 @@ class AdamW8bit(torch.optim.Optimizer):
         self._plans: dict[tuple, dict] = defaultdict(dict)  # kernel tables per bucket, see kernel_launch
         self._nonfinite_pending: list[tuple] = []  # (counts, labels, block size or None, event) not yet read, see _report_nonfinite
         self._nonfinite_totals: dict[str, int] = {}
+        if step_in_backward:
+            _check_scalar("step_in_backward_bucket_mb", step_in_backward_bucket_mb, 0.0)
+            if max_grad_norm is not None:
+                raise ValueError("step_in_backward=True cannot apply max_grad_norm: a global norm needs every gradient "
+                                 "before the first update. Use clip_norm (per tensor) or clip_value, or step_in_backward=False")
+            if accumulation_steps > 1:
+                raise ValueError("step_in_backward=True updates in every backward, so it cannot accumulate gradients "
+                                 "(accumulation_steps > 1): use a larger batch, or step_in_backward=False")
+        self.step_in_backward = step_in_backward
+        self._bucket_cap = int(step_in_backward_bucket_mb * 2**20)
+        self._ready: list[torch.Tensor] = []  # parameters whose gradient is complete and not yet stepped
+        self._ready_bytes = 0
+        self._end_of_backward_queued = False
+        self._grad_hooks: list = []
         super().__init__(params, defaults)
         if fp32_state is not None:
             self.force_fp32_state(*fp32_state, model=model)
@@ -170,6 +196,10 @@ class AdamW8bit(torch.optim.Optimizer):
         self._validate_group(group)
         for i, p in enumerate(group["params"]):
             label = self._label(group, i, p)
+            if self.step_in_backward:
+                self._check_single_device(p, label)
+                if p.requires_grad:
+                    self._grad_hooks.append(p.register_post_accumulate_grad_hook(self._gradient_ready))
             if p.is_complex():
                 raise TypeError(f"{label}: complex parameters are not supported; optimize torch.view_as_real(param) instead")
             if not p.is_floating_point() or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -321,11 +351,17 @@ class AdamW8bit(torch.optim.Optimizer):
     def step(self, closure=None):
         if self._nonfinite_pending:
             self._report_nonfinite(wait=False)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if self.step_in_backward and grad_scale is not None:
+            raise RuntimeError("step_in_backward=True cannot be used with GradScaler: the update happens during "
+                               "backward, before the scaler knows whether the gradients are finite. Use bf16 autocast "
+                               "(no scaler), or step_in_backward=False")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if self.step_in_backward:
+            return loss  # the update already happened inside backward
         if self.accumulation_steps > 1:
             if grad_scale is not None:
                 raise RuntimeError("accumulation_steps > 1 with GradScaler: the scale can change between micro-steps. "
@@ -342,11 +378,14 @@ class AdamW8bit(torch.optim.Optimizer):
         global_mul = self._global_norm_multiplier(base_mul) if self.max_grad_norm is not None else 1.0
         for group in self.param_groups:
             self._step_group(group, base_mul * global_mul)
+        self._finish_update()
+        return loss
+
+    def _finish_update(self) -> None:
         self._updates += 1
         self._accum_grad_ids.clear()
         if self.ema_overwrite_frequency and self._updates % self.ema_overwrite_frequency == 0:
             self.copy_ema_to_params()
-        return loss
 
     @torch.no_grad()
     def copy_ema_to_params(self) -> None:
@@ -362,10 +401,47 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except between the micro-steps of ``accumulation_steps``: gradients must keep
-        summing in ``.grad`` until the update, so it does nothing there."""
-        if self.accumulation_steps > 1 and self._calls % self.accumulation_steps:
+        summing in ``.grad`` until the update, so it does nothing there. With ``step_in_backward`` the
+        gradients are freed as they are used: nothing to do."""
+        if self.step_in_backward or (self.accumulation_steps > 1 and self._calls % self.accumulation_steps):
             return
         super().zero_grad(set_to_none=set_to_none)
+
+    # ---- step in backward ------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_single_device(p: torch.Tensor, label: str) -> None:
+        import torch.distributed as dist
+
+        if sharding.is_dtensor(p) or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise ValueError(f"step_in_backward=True runs on a single device only ({label} is sharded or this process "
+                             "is one of several): under FSDP2 or DDP the gradients are reduced after backward. "
+                             "Use step_in_backward=False")
+
+    def _gradient_ready(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: ``p.grad`` is complete (all uses summed, weight tying included)."""
+        if not self._end_of_backward_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._end_of_backward_queued = True
+        self._ready.append(p)
+        self._ready_bytes += p.grad.numel() * p.grad.element_size()
+        if self._ready_bytes >= self._bucket_cap:
+            self._step_ready()
+
+    @torch.no_grad()
+    def _step_ready(self) -> None:
+        ready, self._ready, self._ready_bytes = self._ready, [], 0
+        ids = {id(p) for p in ready}
+        for group in self.param_groups:
+            if any(id(p) in ids for p in group["params"]):
+                self._step_group(group, only=ids)
+        for p in ready:
+            p.grad = None  # freed now, not at zero_grad(): the memory this mode is for
+
+    def _end_of_backward(self) -> None:
+        self._end_of_backward_queued = False
+        self._step_ready()
+        self._finish_update()
 
     def _check_accumulation(self) -> None:
         # Accumulation lives in .grad; a new .grad object mid-accumulation means something else
@@ -410,13 +486,14 @@ class AdamW8bit(torch.optim.Optimizer):
             skip_nonfinite=self.nonfinite == "skip",
         )
 
-    def _step_group(self, group: dict, base_mul: float = 1.0) -> None:
+    def _step_group(self, group: dict, base_mul: float = 1.0, only: set | None = None) -> None:
+        """Step the group's parameters that have gradients (``only``: just those whose id is in it)."""
         sc = self._step_scalars(group)
         if group.get("loss_scale") is not None:
             base_mul = base_mul / float(group["loss_scale"])
         entries = []
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            if p.grad is None or (only is not None and id(p) not in only):
                 continue
             label = self._label(group, i, p)
             self._check_grad(p, p.grad, label)

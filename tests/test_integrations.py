@@ -141,7 +141,8 @@ def test_trainer_grad_accumulation_bf16_clipping_cosine(tmp_path):
     assert "memory: optimizer state" in stdout
 
 
-@pytest.mark.parametrize("recipe,args", [("plain_loop.py", ["--steps", "4", "--amp", "bf16"]), ("peft_lora.py", ["--steps", "4"])])
+@pytest.mark.parametrize("recipe,args", [("plain_loop.py", ["--steps", "4", "--amp", "bf16"]), ("peft_lora.py", ["--steps", "4"]),
+                                         ("fit_on_one_gpu.py", ["--steps", "4", "--hidden", "64", "--layers", "2", "--bucket-mb", "0.1"])])
 def test_recipes_run(recipe, args):
     if recipe == "peft_lora.py":
         pytest.importorskip("peft")
@@ -151,6 +152,10 @@ def test_recipes_run(recipe, args):
     losses = [float(line.split("loss")[1].split()[0]) for line in out.stdout.splitlines() if line.startswith("step")]
     assert losses and all(l == l for l in losses)
     assert "memory: optimizer state" in out.stdout
+    if recipe == "fit_on_one_gpu.py":  # the step in backward kept most gradients from ever being alive together
+        line = next(l for l in out.stdout.splitlines() if l.startswith("gradients alive"))
+        alive, total = float(line.split(":")[1].split()[0]), float(line.split(" of ")[1].split()[0])
+        assert 0 < alive < total / 2, line
 
 
 # ---- Lightning ----------------------------------------------------------------------------------
@@ -256,3 +261,32 @@ def test_config_component_instantiation_params_first():
     opt.step()
     assert opt.param_groups[0]["betas"] == [0.9, 0.95] and opt.param_groups[0]["block_size"] == 128
     assert all(float(s["step"]) == 1.0 for s in opt.state.values())
+
+
+def test_trainer_step_in_backward_equals_the_plain_trainer(tmp_path):
+    from transformers import Trainer
+
+    from lowbit_adamw.integrations.transformers import optimizer_cls_and_kwargs
+
+    sys.path.insert(0, RECIPES)
+    try:
+        from recipe_utils import byte_windows
+    finally:
+        sys.path.remove(RECIPES)
+    ds = byte_windows(24, seq_len=32)
+    finals = []
+    for optim_args in ("min_8bit_size=1024", "min_8bit_size=1024,step_in_backward=true,step_in_backward_bucket_mb=0.05"):
+        model = llama()
+        args = training_args(tmp_path / str(len(finals)), max_steps=3, per_device_train_batch_size=8, max_grad_norm=0.0,
+                             optim_args=optim_args, logging_steps=1, save_strategy="no", disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model))
+        trainer.train()
+        assert trainer.optimizer.optimizer.step_in_backward == ("step_in_backward" in optim_args)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    # Trainer's default max_grad_norm=1.0 would clip gradients that no longer exist: refused, with the fix
+    with pytest.raises(ValueError, match="max_grad_norm=0"):
+        optimizer_cls_and_kwargs(training_args(tmp_path, optim_args="step_in_backward=true"), llama())
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        optimizer_cls_and_kwargs(training_args(tmp_path, optim_args="step_in_backward=true", max_grad_norm=0.0,
+                                               gradient_accumulation_steps=2), llama())

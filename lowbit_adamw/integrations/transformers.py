@@ -12,7 +12,9 @@ Three routes, from most explicit to least editing:
 What "behaves like the built-in choice" means here: the same lr, betas, eps and weight decay from
 ``TrainingArguments``, Trainer's own decay / no-decay groups, and Trainer's bitsandbytes embedding
 policy (``nn.Embedding`` weights keep fp32 state; ``embedding_fp32=False`` turns that off).
-``TrainingArguments.optim_args`` may set our own options, e.g. ``optim_args="block_size=128,min_8bit_size=0"``.
+``TrainingArguments.optim_args`` may set our own options, e.g. ``optim_args="block_size=128,min_8bit_size=0"``,
+or ``optim_args="step_in_backward=true"`` (with ``max_grad_norm=0`` and no gradient accumulation, which
+Trainer would otherwise apply to gradients that no longer exist: refused with a message).
 """
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ _OPTIM_ARG_TYPES = {
     "amsgrad": lambda s: _parse_bool("amsgrad", s),
     "backend": str,
     "nonfinite": str,
+    "clip_norm": float,
+    "clip_value": float,
+    "step_in_backward": lambda s: _parse_bool("step_in_backward", s),
+    "step_in_backward_bucket_mb": float,
 }
 
 
@@ -100,6 +106,16 @@ def optimizer_cls_and_kwargs(args, model: nn.Module | None = None, *, embedding_
     if model is not None and embedding_fp32:
         kwargs["fp32_state"] = embedding_params(model)
     kwargs.update(overrides)
+    if kwargs.get("step_in_backward"):
+        # Trainer clips and accumulates between backward and optimizer.step(); by then the gradients
+        # are used and freed, so both would silently do nothing.
+        if getattr(args, "max_grad_norm", 0) not in (0, None):
+            raise ValueError(f"step_in_backward=True: Trainer would clip gradients with max_grad_norm={args.max_grad_norm} after "
+                             "they were already used and freed, so clipping would silently do nothing. Set "
+                             "TrainingArguments(max_grad_norm=0), and clip per tensor with optim_args='clip_norm=...' if needed")
+        if getattr(args, "gradient_accumulation_steps", 1) > 1:
+            raise ValueError("step_in_backward=True updates in every backward, so Trainer's gradient_accumulation_steps="
+                             f"{args.gradient_accumulation_steps} cannot work: set it to 1 and raise the batch size")
     return AdamW8bit, kwargs
 
 
