@@ -144,8 +144,15 @@ def _run_train(args) -> int:
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
     from .memory import DEFAULT_OPTIMIZERS, MODEL_CONFIGS, OPTIMIZERS
 
+    p.add_argument("model_name", nargs="?", metavar="MODEL", help="the same as --model")
     p.add_argument("--model", default="llama-2-7b",
                    help=f"built-in shape ({', '.join(['tinylm', *MODEL_CONFIGS])}) or a path to a config.json (default llama-2-7b)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="e.g. 24GiB: also print whether each configuration fits (weights, "
+                   "peak gradients, state, activations); --png then draws that chart with the GPU's line")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step, for the activations (with --gpu-memory)")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence, for the activations (with --gpu-memory)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (with --gpu-memory)")
+    p.add_argument("--bucket-mb", type=float, default=64.0, help="step_in_backward_bucket_mb (with --gpu-memory)")
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma list from: {', '.join(OPTIMIZERS)}")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="weight dtype (default: the model's own)")
     p.add_argument("--measure", action="store_true", help="also train a few real steps per optimizer and report what was held")
@@ -163,14 +170,24 @@ def _run_memory(args) -> int:
     if unknown:
         print(f"unknown optimizer(s) {', '.join(unknown)}; known: {', '.join(memory.OPTIMIZERS)}", file=sys.stderr)
         return 2
+    model = args.model_name or args.model
     try:
-        reports = [memory.estimate(args.model, names, dtype=dtype)]
+        reports = [memory.estimate(model, names, dtype=dtype)]
+        fit = None
+        if args.gpu_memory:
+            from .fit import fit_report
+
+            fit = fit_report(model, args.gpu_memory, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing,
+                             dtype=dtype, bucket_mb=args.bucket_mb)
     except (ImportError, ValueError, OSError) as e:
         print(f"lowbit-adamw memory: {e}", file=sys.stderr)
         return 2
     print(reports[0].table())
+    if fit is not None:
+        print()
+        print(fit.table())
     if args.measure:
-        reports.append(memory.measure(args.model, names, steps=args.steps, dtype=dtype))
+        reports.append(memory.measure(model, names, steps=args.steps, dtype=dtype))
         print()
         print(reports[1].table())
         est, mea = reports
@@ -178,8 +195,11 @@ def _run_memory(args) -> int:
         print(f"estimate vs measured optimizer state: largest difference {100 * worst:.3f}%")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"reports": [r.to_dict() for r in reports], "command": "lowbit-adamw " + " ".join(sys.argv[1:])}, f, indent=1)
-    if args.png:
+            json.dump({"reports": [r.to_dict() for r in reports], "fit": fit.to_dict() if fit else None,
+                       "command": "lowbit-adamw " + " ".join(sys.argv[1:])}, f, indent=1)
+    if args.png and fit is not None:
+        fit.plot(args.png)
+    elif args.png:
         reports[0].plot(args.png)
         if args.measure:
             reports[1].plot(args.png.removesuffix(".png") + "-measured.png")

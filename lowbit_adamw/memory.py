@@ -415,11 +415,12 @@ class _SavedBytes:
         self.seen, self.bytes = set(), 0
 
     def pack(self, t):
+        # Storage identity, not address: fake tensors (lowbit_adamw.fit) have storages without addresses.
         if t.device.type != "meta" and not isinstance(t, nn.Parameter):
-            ident = (t.untyped_storage().data_ptr(), t.device)
-            if ident not in self.seen:
-                self.seen.add(ident)
-                self.bytes += t.untyped_storage().nbytes()
+            storage = t.untyped_storage()
+            if storage._cdata not in self.seen:
+                self.seen.add(storage._cdata)
+                self.bytes += storage.nbytes()
         return t
 
     def __enter__(self):

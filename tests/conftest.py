@@ -16,7 +16,8 @@ NUMERICS = ("test_compiled_cpu.py", "test_kernel_interpret.py", "test_nonfinite.
 SLOW = ("test_distributed.py", "test_memory.py::test_estimate_matches_measured", "test_memory.py::test_cli_memory_subcommand",
         "test_integrations.py::test_trainer_resume", "test_integrations.py::test_recipes_run",
         "test_integrations.py::test_unmodified", "test_integrations.py::test_trainer_grad_accumulation",
-        "test_benchmarks.py::test_codec_quality", "test_benchmarks.py::test_step_speed")
+        "test_benchmarks.py::test_codec_quality", "test_benchmarks.py::test_step_speed",
+        "test_cli.py::test_gpu_kernel_check_script", "test_integrations.py::test_trainer_step_in_backward")
 
 
 def pytest_collection_modifyitems(config, items):

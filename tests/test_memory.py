@@ -187,3 +187,78 @@ def test_report_states_what_gradient_accumulation_costs():
     assert rep.meta["gradient_accumulation"]["extra_bytes"] == 0
     assert "gradient accumulation over 2 micro-steps: 0 extra bytes" in rep.table()
     assert len(mon.history) == 1  # the hook fires once per real update
+
+
+# ---- does it fit (lowbit_adamw.fit) ------------------------------------------------------------
+
+
+def _tiny_llama():
+    import sys
+
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    sys.path.insert(0, recipes)
+    try:
+        from recipe_utils import tiny_llama
+    finally:
+        sys.path.remove(recipes)
+    return tiny_llama(seed=0, hidden=64)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_counted_on_fake_tensors_equal_a_real_forward(checkpointing):
+    pytest.importorskip("transformers")
+    from lowbit_adamw.fit import activation_bytes
+    from lowbit_adamw.memory import _SavedBytes
+
+    model = _tiny_llama()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 256, (2, 48))
+    with _SavedBytes() as saved:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert activation_bytes(_tiny_llama(), 2, 48, checkpointing) == saved.bytes > 0
+    if not checkpointing:  # and measure() counts the same way on its default batch (4 x 64)
+        from lowbit_adamw import memory
+
+        assert memory.measure(_tiny_llama(), ["lowbit_8bit"], steps=1).rows[0].activations == activation_bytes(_tiny_llama(), 4, 64)
+
+
+def test_fit_report_rows_and_gpu_line(tmp_path):
+    pytest.importorskip("transformers")
+    from lowbit_adamw.fit import fit_report, parse_size
+    from lowbit_adamw.memory import estimate
+
+    assert parse_size("24GiB") == parse_size("24GB") == parse_size("24G") == 24 * 2**30 and parse_size("512MiB") == 2**29
+    with pytest.raises(ValueError, match="24GiB"):
+        parse_size("lots")
+    r = fit_report("llama-2-7b", "24GiB", batch=1, seq=2048, checkpointing=True, dtype=torch.bfloat16)
+    rows = {x.config: x for x in r.rows}
+    est = estimate("llama-2-7b", ["adamw", "lowbit_8bit"], dtype=torch.bfloat16)
+    assert rows["adamw"].state == est.row("adamw").state and rows["lowbit_8bit"].state == est.row("lowbit_8bit").state
+    assert rows["lowbit_8bit"].grads == est.row("lowbit_8bit").grads
+    largest = 32000 * 4096 * 2
+    assert rows["lowbit_8bit_sib"].grads == 64 * 2**20 + largest  # one bucket plus the largest gradient
+    acts_ckpt = rows["adamw"].activations
+    no_ckpt = fit_report("llama-2-7b", "24GiB", batch=1, seq=2048, dtype=torch.bfloat16).rows[0].activations
+    assert 0 < acts_ckpt < no_ckpt / 10
+    assert not any(r.fits(x) for x in r.rows)  # 7B in bf16 does not fit 24 GiB even with the step in backward
+    big = fit_report("llama-2-7b", "80GiB", batch=1, seq=2048, checkpointing=True, dtype=torch.bfloat16)
+    assert all(big.fits(x) for x in big.rows)
+    assert "| lowbit AdamW8bit + step in backward |" in r.table() and r.table().count("| no |") == 3
+    png = r.plot(str(tmp_path / "fit.png"))
+    assert os.path.getsize(png) > 1000
+
+
+def test_cli_memory_fit_table(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from lowbit_adamw.cli import main
+
+    out = tmp_path / "fit.json"
+    assert main(["memory", "llama-3.2-1b", "--dtype", "bf16", "--gpu-memory", "24GiB", "--batch", "1", "--seq", "512",
+                 "--checkpointing", "--json", str(out), "--png", str(tmp_path / "fit.png")]) == 0
+    text = capsys.readouterr().out
+    assert "fits" in text and "step in backward" in text
+    fit = json.loads(out.read_text())["fit"]
+    assert fit["model"] == "llama-3.2-1b" and fit["checkpointing"] and all(row["fits"] for row in fit["rows"])
+    assert (tmp_path / "fit.png").stat().st_size > 1000

@@ -1,0 +1,179 @@
+"""Does it fit? One table per model: weights, gradients (the peak alive), optimizer state, activations and
+their total for a few training configurations, against a GPU's memory.
+
+Activations are counted, not guessed: the model runs one forward of ``(batch, seq)`` tokens under
+PyTorch's fake-tensor mode (shapes and dtypes, no memory, no data), with the same saved-tensor hook
+that ``lowbit_adamw.memory.measure`` uses on a real run, so on the models the tests try the estimate
+equals the measured bytes exactly. With activation checkpointing the count is what the checkpoints
+keep; the one layer recomputed at a time during backward is not in it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .memory import _SavedBytes, estimate_state_bytes, load_model, param_specs
+
+# name: (label, optimizer of memory.OPTIMIZERS for the state, step in backward)
+CONFIGS = {
+    "adamw": ("torch AdamW", "adamw", False),
+    "lowbit_8bit": ("lowbit AdamW8bit", "lowbit_8bit", False),
+    "lowbit_8bit_sib": ("lowbit AdamW8bit + step in backward", "lowbit_8bit", True),
+}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '80GB', '24G', '512MiB' -> bytes (GB and G are taken as GiB, as GPU makers' GB are GiB)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 24GiB or 80GB")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index(m.group(2).upper() or "B"))
+
+
+def _fake_parameters(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Swap every parameter and buffer for a tensor made in the active fake mode (tied weights stay tied)."""
+    made = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+
+
+def activation_bytes(model: str | nn.Module, batch: int, seq: int, checkpointing: bool = False,
+                     dtype: torch.dtype | None = None) -> int:
+    """Bytes autograd keeps for backward after one forward of ``batch`` x ``seq`` tokens (each storage
+    once), counted under fake tensors. ``model`` is a name or config (built on the meta device) or a
+    module (not modified: a fresh copy is built from its config when it has one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if isinstance(model, nn.Module) and hasattr(model, "config"):
+        model = _from_config(model.config)
+    elif isinstance(model, nn.Module):
+        raise ValueError("activation_bytes needs a Hugging Face causal LM (a module with .config) or a model name")
+    else:
+        model = load_model(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    saved = _SavedBytes()
+    with FakeTensorMode():
+        _fake_parameters(model, dtype)
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        with saved:
+            model(input_ids=ids, labels=ids).loss
+    return saved.bytes
+
+
+def _from_config(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kw = {}
+    if getattr(config, "_attn_implementation", None):  # eager attention saves other tensors than SDPA
+        kw["attn_implementation"] = config._attn_implementation
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **kw)
+
+
+@dataclass
+class FitRow:
+    config: str
+    label: str
+    weights: int
+    grads: int
+    state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.state + self.activations
+
+
+@dataclass
+class FitReport:
+    model: str
+    dtype: str
+    batch: int
+    seq: int
+    checkpointing: bool
+    gpu_memory: int
+    bucket_mb: float
+    rows: list[FitRow] = field(default_factory=list)
+
+    def fits(self, row: FitRow) -> bool:
+        return row.total <= self.gpu_memory
+
+    def table(self) -> str:
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        head = (f"{self.model}, {self.dtype} weights, batch {self.batch} x {self.seq} tokens, activation checkpointing "
+                f"{'on' if self.checkpointing else 'off'}, GPU {gib(self.gpu_memory)} GiB (GiB per column)")
+        cols = ("configuration", "weights", "grads (peak)", "state", "activations", "total", "fits")
+        lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in self.rows:
+            lines.append(f"| {r.label} | {gib(r.weights)} | {gib(r.grads)} | {gib(r.state)} | {gib(r.activations)} | "
+                         f"{gib(r.total)} | {'yes' if self.fits(r) else 'no'} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for row, r in zip(d["rows"], self.rows):
+            row.update(total=r.total, fits=self.fits(r))
+        return d
+
+    def plot(self, path: str) -> str:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        parts = ("weights", "grads", "state", "activations")
+        bottom = [0.0] * len(self.rows)
+        for part, color in zip(parts, ("#4c72b0", "#dd8452", "#55a868", "#8172b2")):
+            vals = [getattr(r, part) / 2**30 for r in self.rows]
+            ax.bar(range(len(self.rows)), vals, bottom=bottom, label=part, color=color)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.axhline(self.gpu_memory / 2**30, color="black", linestyle="--", label=f"GPU {self.gpu_memory / 2**30:.0f} GiB")
+        ax.set_xticks(range(len(self.rows)), [r.label.replace(" + ", "\n+ ") for r in self.rows], fontsize=8)
+        ax.set_ylabel("GiB")
+        ax.set_title(f"{self.model}, {self.dtype}, batch {self.batch} x {self.seq}, checkpointing "
+                     f"{'on' if self.checkpointing else 'off'}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def fit_report(model: str | nn.Module, gpu_memory: int | str, batch: int = 1, seq: int = 2048, checkpointing: bool = False,
+               dtype: torch.dtype | None = None, configs=tuple(CONFIGS), bucket_mb: float = 64.0) -> FitReport:
+    """The fit table for ``model`` (a name from ``memory.MODEL_CONFIGS``, a config.json path, or an HF module).
+
+    Gradients: every trainable parameter's, as after ``backward()``; with the step in backward at most
+    one bucket (``bucket_mb``, AdamW8bit's ``step_in_backward_bucket_mb``) plus the largest gradient."""
+    gpu = parse_size(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
+    built = load_model(model)
+    specs = param_specs(built, dtype)
+    weights = sum(torch.empty(p.shape, dtype=dtype or p.dtype, device="meta").nbytes for p in built.parameters())
+    grad_sizes = [s.meta.nbytes for s in specs]
+    acts = activation_bytes(model if isinstance(model, str) else built, batch, seq, checkpointing, dtype)
+    name = model if isinstance(model, str) else type(model).__name__
+    report = FitReport(name, str(dtype or next(built.parameters()).dtype).replace("torch.", ""), batch, seq, checkpointing, gpu,
+                       bucket_mb)
+    for key in configs:
+        label, optimizer, in_backward = CONFIGS[key]
+        grads = sum(grad_sizes)
+        if in_backward:
+            grads = min(grads, int(bucket_mb * 2**20) + max(grad_sizes, default=0))
+        report.rows.append(FitRow(key, label, weights, grads, estimate_state_bytes(optimizer, specs)["total"], acts))
+    return report
+
+
+__all__ = ["CONFIGS", "FitReport", "FitRow", "activation_bytes", "fit_report", "parse_size"]
