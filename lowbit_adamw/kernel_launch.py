@@ -84,6 +84,15 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table on ``device`` without waiting for the GPU: a plain ``.to(cuda)`` from pageable
+    memory synchronises the stream, a non-blocking copy from pinned memory does not (torch's pinned
+    allocator keeps the buffer until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     """(base tensor, element offset of each tensor from it). All share one dtype and device."""
     base = min(tensors, key=lambda t: t.data_ptr())
@@ -140,8 +149,8 @@ class _Plan:
         self.bases = bases  # p, mc, ma, vc, va, xc, xa
         self.aligned = aligned
         with device_guard(device):
-            self.tensor_table = torch.tensor(rows, dtype=torch.int64).to(device)
-            self.prog_start = torch.tensor(starts, dtype=torch.int32).to(device)
+            self.tensor_table = upload(torch.tensor(rows, dtype=torch.int64), device)
+            self.prog_start = upload(torch.tensor(starts, dtype=torch.int32), device)
         self.num_programs = starts[-1]
         self.num_tensors = len(params)
 
@@ -229,7 +238,8 @@ def triton_step_8bit(
                     _float_bits([1.0 - moms[i] for i in idx]),
                 ],
                 dim=1,
-            ).to(device)
+            )
+            step_table = upload(step_table, device)
             if skip is not None:
                 step_table[:, 3] = skip[idx].to(torch.int64)
             b = plan.bases

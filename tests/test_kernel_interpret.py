@@ -259,3 +259,24 @@ def test_device_guard_names_the_bucket_device():
     assert isinstance(g, torch.cuda.device) and g.idx == 1  # entered only on a GPU machine
     with device_guard(torch.device("cpu")):
         pass
+
+
+def test_tables_go_to_the_gpu_without_a_host_sync():
+    # a plain .to(cuda) from pageable memory waits for the stream; pinned + non_blocking does not
+    from lowbit_adamw.kernel_launch import upload
+
+    calls = []
+
+    class HostTable:  # stands in for a CPU tensor on a machine without CUDA
+        def pin_memory(self):
+            calls.append("pin")
+            return self
+
+        def to(self, device, non_blocking=False):
+            calls.append((device.type, non_blocking))
+            return self
+
+    upload(HostTable(), torch.device("cuda", 1))
+    assert calls == ["pin", ("cuda", True)]
+    t = torch.arange(3)
+    assert upload(t, torch.device("cpu")) is t
