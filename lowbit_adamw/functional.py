@@ -258,7 +258,7 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
 
 def _ema_update(ema: torch.Tensor, written: torch.Tensor, mom: float) -> torch.Tensor:
     """ema * mom + (the weight as stored) * (1 - mom), in fp32, as a new tensor."""
-    return ema.mul(mom).add_(written.float().mul_(1.0 - mom) if written.dtype != torch.float32 else written.mul(1.0 - mom))
+    return ema.mul(mom).add_(written.float() * (1.0 - mom))
 
 
 def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator,
