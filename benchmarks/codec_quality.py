@@ -5,8 +5,17 @@
 A TinyLM trains on Python stdlib text with fp32 AdamW. Every codec tracks its own m and v from the same
 gradients (teacher forcing: no trajectory divergence), requantizing after each step, and we compare its
 AdamW update direction m_hat / (sqrt(v_hat) + eps) with fp32's: relative L2 error, mean over steps.
-Codecs: bitsandbytes' dynamic (tree) maps with nearest-entry search (if bitsandbytes is installed), and
-power companding m = sign(y) y^a, v = y^b rounded in the companded domain; ours is a=2, b=4.
+
+Candidates, at 8 bits (blocks of 256) and at 4 bits (blocks of 128 unless named):
+* ``lowbit``: the shipped codec (``lowbit_adamw.format``) at that width: power companding, m = sign(y) y^2,
+  v = y^4, rounded to the nearest level in the companded domain, zero-point guard for v;
+* other companding powers, and bitsandbytes' dynamic (tree) maps with nearest-entry search;
+* ``+ stochastic v``: v rounded up or down between its two neighbouring levels with the probability
+  that makes the decoded value unbiased (a small change of v survives on average instead of being
+  rounded away: the "v stagnation" of deterministic rounding);
+* the 4-bit optimizer paper's choices (Li et al. 2023, as torchao's AdamW4bit ships them): m on a 4-bit
+  dynamic-exponent map, v on the zero-free linear map {1/16, ..., 1}, and v with rank-1 normalization
+  (each element scaled by min(its row's max, its column's max) instead of a block scale; 2-D tensors).
 """
 from __future__ import annotations
 
@@ -19,59 +28,127 @@ from benchlib import save
 from lowbit_adamw import format as fmt
 from lowbit_adamw.tinylm import TinyLM, batches, token_splits
 
-BLOCK = fmt.DEFAULT_BLOCK_SIZE
 
-
-def _blocks(x):
+def _blocks(x, block):
     n = x.numel()
-    xp = torch.nn.functional.pad(x.reshape(-1), (0, (-n) % BLOCK)).view(-1, BLOCK)
-    return xp, n
+    return torch.nn.functional.pad(x.reshape(-1), (0, (-n) % block)).view(-1, block), n
 
 
-def table_codec(mtab, vtab):
-    """Nearest entry of a sorted 256-entry table (bitsandbytes' rule), zero-point guard for v."""
+def _normalized(x, signed, block, rank1):
+    """(s in [-1, 1] or [0, 1], scale to multiply back, shape restorer)."""
+    if rank1 and not signed and x.dim() == 2:
+        scale = torch.minimum(x.amax(1, keepdim=True), x.amax(0, keepdim=True))
+        return torch.where(scale > 0, x / scale, x), scale, lambda y: y
+    xp, n = _blocks(x, block)
+    a = xp.abs().amax(1, keepdim=True)
+    return torch.where(a > 0, xp / a, xp), a, lambda y: y.reshape(-1)[:n].view_as(x)
+
+
+def _stochastic_pick(s, lo, hi, generator):
+    """lo or hi (decoded levels around s) with P(hi) = (s - lo) / (hi - lo): unbiased."""
+    gap = hi - lo
+    p = torch.where(gap > 0, (s - lo) / torch.where(gap > 0, gap, 1), torch.zeros_like(s))
+    return torch.where(torch.rand(s.shape, generator=generator) < p, hi, lo)
+
+
+def power_codec(bits, a_m, b_v, block, stochastic_v=False, rank1=False):
+    """m = sign(y) y^a_m, v = y^b_v on 2^(bits-1)-1 / 2^bits-1 levels, rounded in the companded domain."""
+    gen = torch.Generator().manual_seed(0)
+
+    def q(x, signed):
+        s, a, back = _normalized(x, signed, block, rank1)
+        levels, p = (2 ** (bits - 1) - 1, a_m) if signed else (2**bits - 1, b_v)
+        y = s.abs() ** (1 / p) * levels
+        if stochastic_v and not signed:
+            lo = torch.floor(y)
+            r = _stochastic_pick(s.abs(), (lo / levels) ** p, (torch.clamp(lo + 1, max=levels) / levels) ** p, gen)
+            return back(r * a)
+        y = torch.floor(y + 0.5)
+        if not signed:
+            y = torch.where((s > 0) & (y == 0), torch.ones_like(y), y)
+        return back((y / levels) ** p * torch.sign(s) * a)
+    return q
+
+
+def table_codec(mtab, vtab, block_m, block_v, rank1=False, stochastic_v=False):
+    """Nearest entry of sorted tables (bitsandbytes' and torchao's rule), zero-point guard for v."""
+    gen = torch.Generator().manual_seed(0)
+
     def q(x, signed):
         tab = mtab if signed else vtab
-        xp, n = _blocks(x)
-        a = xp.abs().amax(1, keepdim=True)
-        s = torch.where(a > 0, xp / a, xp)
+        s, a, back = _normalized(x, signed, block_m if signed else block_v, rank1)
+        if stochastic_v and not signed:
+            i = torch.clamp(torch.bucketize(s, tab) - 1, 0, len(tab) - 2)
+            return back(_stochastic_pick(s, tab[i], tab[i + 1], gen).clamp_min(tab[0] if tab[0] > 0 else 0) * a)
         c = torch.bucketize(s, (tab[1:] + tab[:-1]) / 2)
         if not signed:
-            c = torch.where((xp > 0) & (tab[c] == 0), c + 1, c)
-        return (tab[c] * a).view(-1)[:n].view_as(x)
+            c = torch.where((s > 0) & (tab[c] == 0), c + 1, c)
+        return back(tab[c] * a)
     return q
 
 
-def power_codec(a_m, b_v):
+def lowbit(bits, block):
     def q(x, signed):
-        xp, n = _blocks(x)
-        a = xp.abs().amax(1, keepdim=True)
-        s = torch.where(a > 0, xp / a, xp)
-        levels, p = (127, a_m) if signed else (255, b_v)
-        y = torch.floor(s.abs() ** (1 / p) * levels + 0.5)
-        if not signed:
-            y = torch.where((xp > 0) & (y == 0), torch.ones_like(y), y)
-        return ((y / levels) ** p * torch.sign(s) * a).view(-1)[:n].view_as(x)
+        c, a = fmt.quantize_blockwise(x, signed, block, bits=bits)
+        return fmt.dequantize_blockwise(c, a, signed, block, bits=bits, numel=x.numel()).view_as(x)
     return q
 
 
-def ours(x, signed):
-    c, a = fmt.quantize_blockwise(x, signed, BLOCK)
-    return fmt.dequantize_blockwise(c, a, signed, BLOCK).view_as(x)
+def _dynamic_map(signed, max_exp_bits, total_bits):
+    """The dynamic-exponent map of the 8-bit optimizers paper, at any width (as bitsandbytes/torchao build it)."""
+    data = []
+    non_sign = total_bits - 1
+    extra = 2 ** (non_sign - max_exp_bits) - 1
+    for i in range(max_exp_bits):
+        n = int(2 ** (i + non_sign - max_exp_bits) + 1 if signed else 2 ** (i + non_sign - max_exp_bits + 1) + 1)
+        b = torch.linspace(0.1, 1, n)
+        means = ((b[:-1] + b[1:]) / 2 * 10 ** (-(max_exp_bits - 1) + i)).tolist()
+        data += means + ([-x for x in means] if signed else [])
+    if extra > 0:
+        b = torch.linspace(0.1, 1, extra + 1)
+        means = ((b[:-1] + b[1:]) / 2 * 10 ** (-(max_exp_bits - 1) + i)).tolist()
+        data += means + ([-x for x in means] if signed else [])
+    data += [0.0, 1.0]
+    if signed:
+        data.append(-1.0)
+    data = sorted(set(data))
+    return torch.tensor(data)
 
 
-LOWBIT = "lowbit v1 (m sqrt, v 4th root)"
+LOWBIT8 = "8-bit lowbit v1 (m sqrt, v 4th root)"
+BNB8 = "8-bit bnb dynamic maps"
 
 
 def codecs():
-    out = {LOWBIT: ours, "power m^3 / v^6": power_codec(3, 6), "linear m / v^2": power_codec(1, 2)}
+    zero_free16 = torch.linspace(0, 1, 17)[1:]
+    out = {
+        LOWBIT8: lowbit(8, 256),
+        "8-bit lowbit + stochastic v": power_codec(8, 2, 4, 256, stochastic_v=True),
+        "8-bit power m^3 / v^6": power_codec(8, 3, 6, 256),
+        "8-bit power m^3 / v^6 + stochastic v": power_codec(8, 3, 6, 256, stochastic_v=True),
+        "8-bit linear m / v^2": power_codec(8, 1, 2, 256),
+        "4-bit lowbit (m sqrt, v 4th root) B128": lowbit(4, 128),
+        "4-bit lowbit B256": lowbit(4, 256),
+        "4-bit lowbit B64": lowbit(4, 64),
+        "4-bit power m^3 / v^6 B128": power_codec(4, 3, 6, 128),
+        "4-bit lowbit + stochastic v B128": power_codec(4, 2, 4, 128, stochastic_v=True),
+        "4-bit lowbit, v rank-1": power_codec(4, 2, 4, 128, rank1=True),
+        "4-bit m sqrt, v zero-free linear B128": table_codec(_dynamic_sqrt_table(), zero_free16, 128, 128),
+        "4-bit m DE, v zero-free linear B128 (torchao)": table_codec(_dynamic_map(True, 3, 4), zero_free16, 128, 128),
+        "4-bit m DE, v zero-free linear rank-1 (paper)": table_codec(_dynamic_map(True, 3, 4), zero_free16, 128, 128, rank1=True),
+    }
     try:
         import bitsandbytes.functional as bf
 
-        out["bnb dynamic maps"] = table_codec(bf.create_dynamic_map(True), bf.create_dynamic_map(False))
+        out[BNB8] = table_codec(bf.create_dynamic_map(True), bf.create_dynamic_map(False), 256, 256)
     except Exception:  # bitsandbytes missing or broken: compare the rest
         pass
     return out
+
+
+def _dynamic_sqrt_table():
+    q = torch.arange(-7, 8, dtype=torch.float64)
+    return (torch.sign(q) * (q / 7) ** 2).float()
 
 
 def update_error(steps: int, seed: int = 0) -> dict[str, float]:
@@ -107,11 +184,11 @@ def update_error(steps: int, seed: int = 0) -> dict[str, float]:
     return {k: sum(e) / len(e) for k, e in errs.items()}
 
 
-def encode_speed(n=1 << 24) -> dict[str, float]:
-    x = torch.randn(n) * torch.rand(n) ** 4
+def encode_speed(n=1 << 22) -> dict[str, float]:
+    x = (torch.randn(n) * torch.rand(n) ** 4).view(-1, 1024)
     out = {}
     for k, q in codecs().items():
-        q(x[: 1 << 16], True)
+        q(x[:64], True)
         t = time.perf_counter()
         q(x, True)
         q(x * x, False)
@@ -129,11 +206,12 @@ def main():
         args.steps = 40
     err = update_error(args.steps)
     speed = encode_speed()
-    print(f"{'codec':<34}{'update err':>11}{'round trip Melem/s':>20}")
+    bnb = err.get(BNB8)
+    print(f"{'codec':<48}{'update err':>11}{'vs bnb 8-bit':>14}{'round trip Melem/s':>20}")
     for k in err:
-        print(f"{k:<34}{err[k]:>11.4f}{speed[k]:>20.1f}")
+        print(f"{k:<48}{err[k]:>11.4f}{(err[k] / bnb if bnb else float('nan')):>14.2f}{speed[k]:>20.1f}")
     save(args.out, dict(update_error=err, round_trip_melem_per_s=speed, steps=args.steps,
-                        update_error_vs_bnb=next((err[LOWBIT] / v for k, v in err.items() if k.startswith("bnb")), None)))
+                        update_error_vs_bnb={k: e / bnb for k, e in err.items()} if bnb else None))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Fused 8-bit AdamW step for a whole bucket of tensors: decode -> AdamW -> encode, one pass.
+"""Fused low-bit AdamW step for a whole bucket of tensors: decode -> AdamW -> encode, one pass.
 
-Pure Triton over tensors and scalars; the state format is ``lowbit_adamw.format`` (v1) and the update
+Pure Triton over tensors and scalars; the state format is ``lowbit_adamw.format`` (v2: 8-bit codes, or
+4-bit codes packed two per byte, chosen by the ``BITS`` constexpr) and the update
 is the one written in ``lowbit_adamw.step_spec``. Nothing here knows about optimizers.
 
 How a bucket becomes one launch
@@ -71,6 +72,48 @@ def _round_nearest(x, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_codes(base, off, idx, pidx, mask, pvalid, BPP: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
+                ZERO: tl.constexpr):
+    # [BPP, BLOCK] codes as fp32, ZERO where masked. At 4 bits, byte j of a block holds elements 2j
+    # (low nibble) and 2j + 1 (high nibble): load [BPP, BLOCK / 2] bytes and interleave the nibbles.
+    if BITS == 8:
+        return tl.load(base + off + idx, mask=mask, other=ZERO).to(tl.float32)
+    else:
+        packed = tl.load(base + off + pidx, mask=pvalid, other=0)
+        codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BPP, BLOCK))
+        return tl.where(mask, codes.to(tl.float32), ZERO)
+
+
+@triton.jit
+def _store_codes(base, off, idx, pidx, mask, valid, pmask, codes, BPP: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
+    # codes: [BPP, BLOCK] fp32 integers. valid: the element exists (a padding nibble is written as 0).
+    if BITS == 8:
+        tl.store(base + off + idx, codes.to(tl.uint8), mask=mask)
+    else:
+        lo, hi = tl.split(tl.reshape(tl.where(valid, codes, 0.0).to(tl.uint8), (BPP, BLOCK // 2, 2)))
+        tl.store(base + off + pidx, lo | (hi << 4), mask=pmask)
+
+
+@triton.jit
+def _decode_v(code, a, BITS: tl.constexpr):
+    if BITS == 8:
+        y = code * (1.0 / 255.0)
+        y = y * y
+        return y * y * a
+    else:
+        return (code + 1.0) * (1.0 / 16.0) * a
+
+
+@triton.jit
+def _encode_v(v, inv, BITS: tl.constexpr):
+    if BITS == 8:
+        c = tl.floor(tl.sqrt_rn(tl.sqrt_rn(v * inv)) * 255.0 + 0.5)
+        return tl.where((v > 0) & (c == 0), 1.0, c)
+    else:
+        return tl.minimum(tl.maximum(tl.floor(v * inv * 16.0 - 0.5), 0.0), 15.0)
+
+
+@triton.jit
 def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
     # Round toward zero to the 16-bit dtype, then one unit away from zero with probability equal to
     # the fraction of the gap: same rule as lowbit_adamw.functional.stochastic_round_.
@@ -94,8 +137,9 @@ def adamw8bit_kernel(
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value, seed,
     BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, EMA: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr, BITS: tl.constexpr,
 ):
+    ML: tl.constexpr = 127.0 if BITS == 8 else 7.0  # m levels each side of zero, and m's code of zero
     pid = tl.program_id(0)
     t = _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS)
     step_row = step_table + t * STEP_COLS
@@ -127,7 +171,11 @@ def adamw8bit_kernel(
         first_block = (pid - tl.load(prog_start + t)).to(tl.int64) * BPP
         blocks = first_block + tl.arange(0, BPP)
         idx = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        mask = idx < numel
+        pidx = blocks[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]  # code bytes at 4 bits
+        valid = idx < numel
+        pvalid = pidx * 2 < numel
+        mask = valid
+        pmask = pvalid
         bmask = blocks * BLOCK < numel
 
         g = tl.load(g_base + g_off + idx, mask=mask, other=0.0).to(tl.float32)
@@ -140,13 +188,14 @@ def adamw8bit_kernel(
             good = bad == 0
             bmask = bmask & good
             mask = mask & good[:, None]
+            pmask = pmask & good[:, None]
 
-        # decode (format v1): m = sign(q) (q/127)^2 absmax, v = (c/255)^4 absmax
-        mq = (tl.load(mc_base + mc_off + idx, mask=mask, other=127).to(tl.float32) - 127.0) * (1.0 / 127.0)
+        # decode (lowbit_adamw.format): m = sign(q) (q/L)^2 absmax; v = (c/255)^4 absmax or (c+1)/16 absmax
+        mq = (_load_codes(mc_base, mc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, ML) - ML) * (1.0 / ML)
         m = mq * tl.abs(mq) * tl.load(ma_base + ma_off + blocks, mask=bmask, other=0.0)[:, None]
-        vy = tl.load(vc_base + vc_off + idx, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
-        vy = vy * vy
-        v = vy * vy * tl.load(va_base + va_off + blocks, mask=bmask, other=0.0)[:, None]
+        v = _decode_v(_load_codes(vc_base, vc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, 0),
+                      tl.load(va_base + va_off + blocks, mask=bmask, other=0.0)[:, None], BITS)
+        v = tl.where(mask, v, 0.0)  # a 4-bit code of 0 decodes to absmax / 16: masked lanes must not count
 
         p_raw = tl.load(p_base + p_off + idx, mask=mask, other=0.0)
         p = p_raw.to(tl.float32)
@@ -165,9 +214,9 @@ def adamw8bit_kernel(
             if ALIGNED:
                 xc_off = tl.multiple_of(xc_off, 16)
                 xa_off = tl.multiple_of(xa_off, 4)
-            xy = tl.load(xc_base + xc_off + idx, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
-            xy = xy * xy
-            vh = tl.maximum(xy * xy * tl.load(xa_base + xa_off + blocks, mask=bmask, other=0.0)[:, None], v)
+            vmax = _decode_v(_load_codes(xc_base, xc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, 0),
+                             tl.load(xa_base + xa_off + blocks, mask=bmask, other=0.0)[:, None], BITS)
+            vh = tl.maximum(tl.where(mask, vmax, 0.0), v)
         else:
             vh = v
         denom = tl.sqrt_rn(vh) * inv_bc2_sqrt + eps
@@ -190,29 +239,27 @@ def adamw8bit_kernel(
         # encode m (signed, square-root companding)
         am = tl.max(tl.abs(m), axis=1)
         s = m * _safe_inverse(am)[:, None]
-        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)
-        q = tl.where(s < 0, -q, q) + 127.0
-        tl.store(mc_base + mc_off + idx, q.to(tl.uint8), mask=mask)
+        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * ML + 0.5)
+        q = tl.where(s < 0, -q, q) + ML
+        _store_codes(mc_base, mc_off, idx, pidx, mask, valid, pmask, q, BPP, BLOCK, BITS)
         tl.store(ma_base + ma_off + blocks, am, mask=bmask)
 
-        # encode v (unsigned, fourth-root companding, zero-point guard)
+        # encode v (8 bits: fourth-root companding, zero-point guard; 4 bits: zero-free linear)
         av = tl.max(v, axis=1)
-        c = tl.floor(tl.sqrt_rn(tl.sqrt_rn(v * _safe_inverse(av)[:, None])) * 255.0 + 0.5)
-        c = tl.where((v > 0) & (c == 0), 1.0, c)
-        tl.store(vc_base + vc_off + idx, c.to(tl.uint8), mask=mask)
+        _store_codes(vc_base, vc_off, idx, pidx, mask, valid, pmask, _encode_v(v, _safe_inverse(av)[:, None], BITS),
+                     BPP, BLOCK, BITS)
         tl.store(va_base + va_off + blocks, av, mask=bmask)
         if AMSGRAD:
             ax = tl.max(vh, axis=1)
-            cx = tl.floor(tl.sqrt_rn(tl.sqrt_rn(vh * _safe_inverse(ax)[:, None])) * 255.0 + 0.5)
-            cx = tl.where((vh > 0) & (cx == 0), 1.0, cx)
-            tl.store(xc_base + xc_off + idx, cx.to(tl.uint8), mask=mask)
+            _store_codes(xc_base, xc_off, idx, pidx, mask, valid, pmask, _encode_v(vh, _safe_inverse(ax)[:, None], BITS),
+                         BPP, BLOCK, BITS)
             tl.store(xa_base + xa_off + blocks, ax, mask=bmask)
 
 
 def launch_adamw8bit(
     bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars, bad_blocks,
     *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed, clip_value=float("inf"), ema=False,
-    skip_nonfinite=True, aligned=False, num_warps=4,
+    skip_nonfinite=True, aligned=False, num_warps=4, bits=8,
 ):
     """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 9 base tensors
     (p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax, ema); ``scalars`` is
@@ -227,17 +274,17 @@ def launch_adamw8bit(
         *bases, tensor_table, step_table, prog_start, num_tensors, bad_blocks, *scalars,
         clip_value if clip_value != float("inf") else 0.0, seed,
         **variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic,
-                             clip_value != float("inf"), ema, skip_nonfinite, aligned),
+                             clip_value != float("inf"), ema, skip_nonfinite, aligned, bits),
         num_warps=num_warps,
         enable_fp_fusion=False,  # the spec's arithmetic: every multiply and add rounded on its own
     )
 
 
 def variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic, clip, ema,
-                       skip_nonfinite, aligned) -> dict:
+                       skip_nonfinite, aligned, bits=8) -> dict:
     """The compile-time arguments of one kernel variant (shared with the ahead-of-time kernel report)."""
     return dict(
         BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=max(1, int(num_tensors).bit_length()),
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic), CLIP=bool(clip), EMA=bool(ema),
-        SKIP_NONFINITE=bool(skip_nonfinite), ALIGNED=bool(aligned),
+        SKIP_NONFINITE=bool(skip_nonfinite), ALIGNED=bool(aligned), BITS=int(bits),
     )

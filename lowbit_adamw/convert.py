@@ -1,4 +1,4 @@
-"""Switch optimizers mid-run: AdamW8bit state <-> torch.optim.AdamW state (dequantize / quantize)."""
+"""Switch optimizers mid-run: AdamW8bit state (8- or 4-bit) <-> torch.optim.AdamW state (dequantize / quantize)."""
 from __future__ import annotations
 
 import copy
@@ -27,14 +27,16 @@ def to_torch_adamw_state_dict(optimizer) -> dict:
             ng["param_names"] = list(g["param_names"])
         groups.append(ng)
     params = {pid: p for g, live in zip(sd["param_groups"], optimizer.param_groups) for pid, p in zip(g["params"], live["params"])}
-    block_of = {pid: g["block_size"] for g in sd["param_groups"] for pid in g["params"]}
+    block_of = {pid: (g["block_size"], g["bits"]) for g in sd["param_groups"] for pid in g["params"]}
     state = {}
     for pid, s in sd["state"].items():
         p = params[pid]
         out = {"step": s["step"].clone()}
         for name in fmt.QUANTIZED_MOMENTS:
             if name + "_codes" in s:
-                flat = fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name), block_of[pid])
+                block_size, bits = block_of[pid]
+                flat = fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name), block_size, bits,
+                                                numel=p.numel())
                 out[name] = flat.view(p.shape)
             elif name in s:
                 out[name] = s[name].clone()
@@ -68,7 +70,7 @@ def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
         names = [n for n in fmt.QUANTIZED_MOMENTS if n in s]
         if optimizer._wants_8bit(p, g):
             for name in names:
-                codes, absmax = fmt.quantize_blockwise(s[name].to(p.device), fmt.is_signed(name), g["block_size"])
+                codes, absmax = fmt.quantize_blockwise(s[name].to(p.device), fmt.is_signed(name), g["block_size"], g["bits"])
                 out[name + "_codes"], out[name + "_absmax"] = codes, absmax
         else:
             for name in names:

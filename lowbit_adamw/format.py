@@ -1,73 +1,99 @@
-"""The lowbit-adamw state format, version 1. This docstring is the spec; the Triton kernel
+"""The lowbit-adamw state format, version 2. This docstring is the spec; the Triton kernel
 (``lowbit_adamw.kernels``) and the PyTorch functions below both implement exactly this.
 
 Layout
 ------
 A parameter is read flat, in its own element order, and cut into blocks of ``block_size`` elements
-(a power of two, 64..4096, default 256); the last block may be short. Per 8-bit moment buffer:
+(a power of two, 64..4096; default 256 at 8 bits, 128 at 4 bits); the last block may be short. Each
+quantized moment buffer has a width of ``bits`` (8 or 4, per param group):
 
-* ``*_codes``: uint8, one per element, shape ``(numel,)``.
+* ``*_codes``: uint8. At 8 bits one code per element, shape ``(numel,)``. At 4 bits two codes per
+  byte, shape ``(ceil(numel / 2),)``: element ``2i`` in the low nibble of byte ``i``, element ``2i + 1``
+  in the high nibble; the unused high nibble after an odd last element is 0. Blocks hold an even number
+  of elements, so a byte never spans two blocks.
 * ``*_absmax``: float32, one per block, shape ``(ceil(numel / block_size),)``: the largest ``|x|`` in
   the block (for ``exp_avg_sq``, the largest ``x``).
 
-So a parameter with both moments quantized holds ``2 + 8 / block_size`` bytes of state per element
-(2.03125 at the default block size).
+So a parameter with both moments quantized holds ``2 * (bits / 8 + 4 / block_size)`` bytes of state
+per element: 2.03125 at 8 bits and blocks of 256, 1.0625 at 4 bits and blocks of 128.
 
-Code maps (closed-form companding, no table search)
----------------------------------------------------
-``exp_avg`` (m, signed, square-root companding). With ``s = m / absmax`` in [-1, 1]::
+Code maps (closed-form, no table search)
+----------------------------------------
+``exp_avg`` (m, signed, square-root companding), with ``L = 2**(bits-1) - 1`` (127 or 7) and
+``s = m / absmax`` in [-1, 1]::
 
-    q    = sign(s) * floor(sqrt(|s|) * 127 + 0.5)          # q in [-127, 127]
-    code = q + 127                                          # uint8; 127 is exact zero
-    m    = sign(q) * (q / 127)**2 * absmax                  # decode
+    q    = sign(s) * floor(sqrt(|s|) * L + 0.5)            # q in [-L, L]
+    code = q + L                                            # L is exact zero
+    m    = sign(q) * (q / L)**2 * absmax                    # decode
 
-``exp_avg_sq`` and ``max_exp_avg_sq`` (v, unsigned, fourth-root companding). With ``s = v / absmax``
-in [0, 1]::
+``exp_avg_sq`` and ``max_exp_avg_sq`` (v, unsigned), with ``s = v / absmax`` in [0, 1]. At 8 bits,
+fourth-root companding with a zero-point guard::
 
     code = floor(sqrt(sqrt(s)) * 255 + 0.5)                 # code in [0, 255]
-    code = max(code, 1)   if v > 0                          # zero-point guard
+    code = max(code, 1)   if v > 0
     v    = (code / 255)**4 * absmax                         # decode
 
-Rounding is to the nearest level in the companded domain, ties upward. The tables ``M_CODE_MAP`` and
-``V_CODE_MAP`` below list the 256 decoded values (code 255 of the m map is never written; it decodes
-like the formula, to (128/127)**2).
+At 4 bits, the zero-free linear map of Li et al. (2023), levels 1/16 .. 16/16::
+
+    code = min(max(floor(s * 16 - 0.5), 0), 15)             # code in [0, 15]
+    v    = (code + 1) / 16 * absmax                          # decode
+
+Rounding is to the nearest level in the companded domain (8-bit v) or the value domain (4-bit v),
+ties upward. ``code_map(name, bits)`` lists the decoded levels (code ``2L + 1`` of the m map is never
+written; it decodes like the formula).
 
 Rules
 -----
-* A block whose absmax is 0 stores the code of zero (127 for m, 0 for v).
+* A block whose absmax is 0 stores the code of zero (``L`` for m, 0 for v) and decodes to zeros.
 * The sign of a nonzero m is never flipped (the sign is applied after rounding the magnitude).
-* A positive v never decodes to 0: the smallest level of a block is (1/255)**4 * absmax. Without this
-  guard the update of a weight whose v rounded to zero becomes m / eps, 10^3..10^6 times too large.
+* A positive v never decodes to 0: the smallest level of a block is (1/255)**4 * absmax at 8 bits and
+  absmax / 16 at 4 bits (where a zero v in a block with a nonzero scale also decodes to absmax / 16).
+  Without this the update of a weight whose v rounded to zero becomes m / eps, 10^3..10^6 times too
+  large.
 * Quantization happens after the update: the step works on the decoded fp32 values, then the new
   block absmax is taken from the updated values and they are encoded against it.
 
-Why these maps: measured against bitsandbytes' dynamic (tree) maps on real gradients of a small LM
-(``benchmarks/codec_quality.py``), square-root/fourth-root companding gave about two thirds of the
-update error of the dynamic maps (v's resolution for small values dominates the error), and encoding is
-a couple of square roots instead of a search over 256 entries.
+Why these maps: measured against alternatives on real gradients of a small LM
+(``benchmarks/codec_quality.py``, update error against fp32 AdamW). At 8 bits square-root/fourth-root
+companding gives two thirds of the error of bitsandbytes' dynamic (tree) maps, and encoding is a couple
+of square roots instead of a search over 256 entries. At 4 bits v's resolution near the block maximum
+matters most: the zero-free linear map beats fourth-root companding (0.47 against 0.55) and the
+dynamic-exponent m map of torchao's AdamW4bit loses to square-root companding (0.50 against 0.47);
+rank-1 normalization of v gains 7% but needs every row of a tensor before any can be encoded (a second
+pass, and an all-reduce under FSDP2), so blocks are kept.
 
 State dict
 ----------
-Per parameter: ``step`` (float32 0-d tensor on the CPU, as torch), and either the 8-bit buffers above
+Per parameter: ``step`` (float32 0-d tensor on the CPU, as torch), and either the quantized buffers above
 (``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ``exp_avg_sq_absmax``, and with amsgrad
 ``max_exp_avg_sq_codes`` / ``max_exp_avg_sq_absmax``), or torch's own fp32 ``exp_avg`` / ``exp_avg_sq``
 (/ ``max_exp_avg_sq``) for parameters kept in fp32 state. The optimizer's state dict carries
-``{"lowbit_adamw": {"format_version": FORMAT_VERSION, "block_size": ...}}`` at top level and
-``block_size`` in every param group; a state dict of another version or block size is refused.
+``{"lowbit_adamw": {"format_version": FORMAT_VERSION, ...}}`` at top level and ``block_size`` and ``bits``
+in every param group. Version 1 (8 bits only, no ``bits`` key) loads as ``bits=8``: its bytes are the
+same. A state dict of another version, block size or width is refused.
 """
 from __future__ import annotations
 
 import torch
 
-FORMAT_VERSION = 1
-DEFAULT_BLOCK_SIZE = 256
+
+def is_signed(name: str) -> bool:
+    """exp_avg is signed; exp_avg_sq and max_exp_avg_sq are not."""
+    return name == "exp_avg"
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 is version 2 at 8 bits
+BITS = (8, 4)
+DEFAULT_BLOCK_SIZE = 256  # at 8 bits
+DEFAULT_BLOCK_SIZE_4BIT = 128  # 1.0625 B/param; 256 has 1.5x the update error, 64 costs 1.125 B/param
 MIN_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 4096
 
-M_LEVELS = 127  # signed levels each side of zero
+M_LEVELS = 127  # signed levels each side of zero, at 8 bits (m_levels(bits) in general)
 V_LEVELS = 255
 M_ZERO_CODE = 127
-V_ZERO_CODE = 0
+V_ZERO_CODE = 0  # at every width
+V4_LEVELS = 16  # 4-bit v: (code + 1) / 16
 
 # Elements per chunk in the PyTorch path: bounds every fp32 temporary to a few MB whatever the
 # tensor size, and keeps the working set in cache. Must be a multiple of MAX_BLOCK_SIZE.
@@ -77,17 +103,57 @@ CHUNK_ELEMENTS = 1 << 18
 QUANTIZED_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _m_map() -> torch.Tensor:
-    q = torch.arange(256, dtype=torch.float64) - M_ZERO_CODE
-    return (torch.sign(q) * (q / M_LEVELS) ** 2).float()
+def m_levels(bits: int) -> int:
+    """Levels each side of zero of the m map; also m's code of zero."""
+    return 2 ** (bits - 1) - 1
 
 
-def _v_map() -> torch.Tensor:
-    return ((torch.arange(256, dtype=torch.float64) / V_LEVELS) ** 4).float()
+def code_map(name: str, bits: int = 8) -> torch.Tensor:
+    """The 2**bits decoded values (times absmax) of a moment's codes."""
+    codes = torch.arange(2**bits, dtype=torch.float64)
+    if is_signed(name):
+        q = codes - m_levels(bits)
+        return (torch.sign(q) * (q / m_levels(bits)) ** 2).float()
+    if bits == 8:
+        return ((codes / V_LEVELS) ** 4).float()
+    return ((codes + 1) / V4_LEVELS).float()
 
 
-M_CODE_MAP = _m_map()
-V_CODE_MAP = _v_map()
+M_CODE_MAP = code_map("exp_avg", 8)
+V_CODE_MAP = code_map("exp_avg_sq", 8)
+
+
+def check_bits(bits) -> int:
+    if bits not in BITS or isinstance(bits, bool):
+        raise ValueError(f"bits must be 8 or 4 (the width of the moment codes), got {bits!r}")
+    return bits
+
+
+def default_block_size(bits: int) -> int:
+    return DEFAULT_BLOCK_SIZE if bits == 8 else DEFAULT_BLOCK_SIZE_4BIT
+
+
+def codes_numel(numel: int, bits: int) -> int:
+    """Bytes of codes for ``numel`` elements."""
+    return numel if bits == 8 else (numel + 1) // 2
+
+
+def state_bytes_per_element(bits: int, block_size: int, moments: int = 2) -> float:
+    return moments * (bits / 8 + 4 / block_size)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(n,) uint8 codes < 16 -> (ceil(n / 2),) bytes, element 2i in the low nibble."""
+    n = codes.numel()
+    if n % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    pairs = codes.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: the first ``n`` codes."""
+    return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:n]
 
 
 def check_block_size(block_size) -> int:
@@ -102,11 +168,6 @@ def check_block_size(block_size) -> int:
 
 def num_blocks(numel: int, block_size: int) -> int:
     return -(-numel // block_size)
-
-
-def is_signed(name: str) -> bool:
-    """exp_avg is signed; exp_avg_sq and max_exp_avg_sq are not."""
-    return name == "exp_avg"
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -135,88 +196,112 @@ def _blocks(x: torch.Tensor, block_size: int):
     return full, tail
 
 
-def _encode_rows(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-    """x: (rows, cols) fp32, encoded into codes (rows, cols) uint8 and absmax (rows,) fp32.
-
-    Uses x as scratch (it is a temporary of the step)."""
+def _encode_rows(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: torch.Tensor, bits: int = 8) -> None:
+    """x: (rows, cols) fp32, encoded into codes (rows, cols) uint8, one code per element (unpacked),
+    and absmax (rows,) fp32. Uses x as scratch (it is a temporary of the step)."""
     a = x.abs().amax(dim=1) if signed else x.amax(dim=1)
     absmax.copy_(a)
     # 1/0 for empty blocks gives inf; 0 * inf would be NaN, so use 0 as the inverse there.
     inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
     if signed:
+        levels = m_levels(bits)
         s = x.mul(inv)
-        q = sqrt_rn(s.abs()).mul_(M_LEVELS).add_(0.5).floor_()
-        q.copysign_(s).add_(M_ZERO_CODE)
-        codes.copy_(q)
-    else:
+        q = sqrt_rn(s.abs()).mul_(levels).add_(0.5).floor_()
+        q.copysign_(s).add_(levels)
+    elif bits == 8:
         pos = x > 0
         q = sqrt_rn(sqrt_rn(x.mul_(inv))).mul_(V_LEVELS).add_(0.5).floor_()
         q.masked_fill_(pos & (q == 0), 1.0)
-        codes.copy_(q)
+    else:
+        q = x.mul_(inv).mul_(float(V4_LEVELS)).sub_(0.5).floor_().clamp_(0.0, V4_LEVELS - 1.0)
+    codes.copy_(q)
 
 
-def _decode_rows(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, out: torch.Tensor) -> torch.Tensor:
-    """codes (rows, cols) uint8, absmax (rows,) → out (rows, cols) fp32."""
+def _decode_rows(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, out: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """codes (rows, cols) uint8, one per element, absmax (rows,) -> out (rows, cols) fp32."""
     a = absmax.unsqueeze(1)
     if signed:
-        y = out.copy_(codes).sub_(M_ZERO_CODE).mul_(1.0 / M_LEVELS)
+        levels = m_levels(bits)
+        y = out.copy_(codes).sub_(levels).mul_(1.0 / levels)
         return y.mul_(y.abs()).mul_(a)
-    y = out.copy_(codes).mul_(1.0 / V_LEVELS)
-    y.mul_(y)
-    return y.mul_(y).mul_(a)
+    if bits == 8:
+        y = out.copy_(codes).mul_(1.0 / V_LEVELS)
+        y.mul_(y)
+        return y.mul_(y).mul_(a)
+    # A zero scale (a block of zeros) decodes to 0 for every code, as the spec says.
+    return out.copy_(codes).add_(1.0).mul_(1.0 / V4_LEVELS).mul_(a)
 
 
-def encode_span(x: torch.Tensor, signed: bool, block_size: int, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Encode fp32 span x (destroyed) into codes (same numel) and absmax (one per block)."""
+def encode_span(x: torch.Tensor, signed: bool, block_size: int, codes: torch.Tensor, absmax: torch.Tensor,
+                bits: int = 8) -> None:
+    """Encode fp32 span x (destroyed) into codes (``codes_numel(x.numel(), bits)`` bytes) and absmax
+    (one per block). The span starts on a block boundary."""
+    unpacked = codes if bits == 8 else torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
     full, tail = _blocks(x, block_size)
-    cf, ct = _blocks(codes, block_size)
+    cf, ct = _blocks(unpacked, block_size)
     nfull = full.shape[0]
     if nfull:
-        _encode_rows(full, signed, cf, absmax[:nfull])
+        _encode_rows(full, signed, cf, absmax[:nfull], bits)
     if tail is not None:
-        _encode_rows(tail, signed, ct, absmax[nfull : nfull + 1])
+        _encode_rows(tail, signed, ct, absmax[nfull : nfull + 1], bits)
+    if bits != 8:
+        codes.copy_(pack_nibbles(unpacked))
 
 
-def decode_span(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, block_size: int, out: torch.Tensor) -> torch.Tensor:
-    """Decode a span of codes (starting on a block boundary) into fp32 ``out``."""
+def decode_span(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, block_size: int, out: torch.Tensor,
+                bits: int = 8) -> torch.Tensor:
+    """Decode a span of codes (starting on a block boundary) into fp32 ``out`` (its numel elements)."""
+    if bits != 8:
+        codes = unpack_nibbles(codes, out.numel())
     cf, ct = _blocks(codes, block_size)
     of, ot = _blocks(out, block_size)
     nfull = cf.shape[0]
     if nfull:
-        _decode_rows(cf, absmax[:nfull], signed, of)
+        _decode_rows(cf, absmax[:nfull], signed, of, bits)
     if ct is not None:
-        _decode_rows(ct, absmax[nfull : nfull + 1], signed, ot)
+        _decode_rows(ct, absmax[nfull : nfull + 1], signed, ot, bits)
     return out
 
 
 # ---- whole tensors (conversions, tests): chunked, so memory stays bounded ----------------------
 
-def quantize_blockwise(x: torch.Tensor, signed: bool, block_size: int = DEFAULT_BLOCK_SIZE):
-    """Quantize any floating tensor to (codes uint8 (numel,), absmax fp32 (blocks,)) on its device."""
+def quantize_blockwise(x: torch.Tensor, signed: bool, block_size: int = DEFAULT_BLOCK_SIZE, bits: int = 8):
+    """Quantize any floating tensor to (codes uint8 (``codes_numel(numel, bits)``,), absmax fp32 (blocks,))
+    on its device."""
     check_block_size(block_size)
+    check_bits(bits)
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    codes = torch.empty(codes_numel(n, bits), dtype=torch.uint8, device=x.device)
     absmax = torch.empty(num_blocks(n, block_size), dtype=torch.float32, device=x.device)
+    per_byte = 8 // bits
     for start in range(0, n, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, n)
         b0 = start // block_size
         chunk = flat[start:stop].to(torch.float32, copy=True)
-        encode_span(chunk, signed, block_size, codes[start:stop], absmax[b0 : b0 + num_blocks(stop - start, block_size)])
+        encode_span(chunk, signed, block_size, codes[start // per_byte : codes_numel(stop, bits)],
+                    absmax[b0 : b0 + num_blocks(stop - start, block_size)], bits)
     return codes, absmax
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`: a flat fp32 tensor of ``codes.numel()`` elements."""
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, block_size: int = DEFAULT_BLOCK_SIZE,
+                         bits: int = 8, numel: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: a flat fp32 tensor of ``numel`` elements (at 8 bits
+    ``codes.numel()``; at 4 bits pass it, else ``2 * codes.numel()`` is assumed)."""
     check_block_size(block_size)
-    n = codes.numel()
+    check_bits(bits)
+    n = numel if numel is not None else codes.numel() * (8 // bits)
+    if codes.numel() != codes_numel(n, bits):
+        raise ValueError(f"{codes.numel()} bytes of {bits}-bit codes cannot hold {n} elements (need {codes_numel(n, bits)})")
     if absmax.numel() != num_blocks(n, block_size):
         raise ValueError(
             f"absmax has {absmax.numel()} blocks but {n} codes at block_size={block_size} need {num_blocks(n, block_size)}"
         )
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    per_byte = 8 // bits
     for start in range(0, n, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, n)
         b0 = start // block_size
-        decode_span(codes[start:stop], absmax[b0 : b0 + num_blocks(stop - start, block_size)], signed, block_size, out[start:stop])
+        decode_span(codes[start // per_byte : codes_numel(stop, bits)], absmax[b0 : b0 + num_blocks(stop - start, block_size)],
+                    signed, block_size, out[start:stop], bits)
     return out

@@ -119,35 +119,48 @@ COMPILED_CHUNK_ELEMENTS = 1 << 20  # elements per compiled call: large enough to
 RECOMPILE_LIMIT = 128
 
 
-def _decode(codes, absmax, signed: bool):
+def _decode(codes, absmax, signed: bool, bits: int = 8):
     a = absmax.unsqueeze(1)
+    if bits != 8:  # (rows, block / 2) bytes -> (rows, block) codes, low nibble first
+        codes = torch.stack([codes & 15, codes >> 4], dim=2).view(codes.shape[0], -1)
     if signed:
-        y = (codes.float() - fmt.M_ZERO_CODE) * (1.0 / fmt.M_LEVELS)
+        levels = fmt.m_levels(bits)
+        y = (codes.float() - levels) * (1.0 / levels)
         return y * y.abs() * a
+    if bits != 8:
+        return (codes.float() + 1.0) * (1.0 / fmt.V4_LEVELS) * a
     y = codes.float() * (1.0 / fmt.V_LEVELS)
     y = y * y
     return y * y * a
 
 
-def _encode(x, signed: bool, codes, absmax, ok=None):
+def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8):
     """Encode rows of x into codes/absmax; rows where ``ok`` (rows, 1) is False keep their old bytes."""
     a = x.abs().amax(dim=1) if signed else x.amax(dim=1)
     inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
     if signed:
+        levels = fmt.m_levels(bits)
         s = x * inv
-        q = torch.floor(torch.sqrt(s.abs()) * fmt.M_LEVELS + 0.5)
-        q = torch.copysign(q, s) + fmt.M_ZERO_CODE
-    else:
+        q = torch.floor(torch.sqrt(s.abs()) * levels + 0.5)
+        q = torch.copysign(q, s) + levels
+    elif bits == 8:
         q = torch.floor(torch.sqrt(torch.sqrt(x * inv)) * fmt.V_LEVELS + 0.5)
         q = torch.where((x > 0) & (q == 0), torch.ones_like(q), q)
+    else:
+        q = torch.clamp(torch.floor(x * inv * float(fmt.V4_LEVELS) - 0.5), 0.0, fmt.V4_LEVELS - 1.0)
+    q = q.to(torch.uint8)
+    if bits != 8:
+        pairs = q.view(q.shape[0], -1, 2)
+        q = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
     if ok is not None:
-        q = torch.where(ok, q, codes.float())
+        q = torch.where(ok, q, codes)
         a = torch.where(ok[:, 0], a, absmax)
-    codes.copy_(q.to(torch.uint8))
+    codes.copy_(q)
     absmax.copy_(a)
 
 
-def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool, ema=None, skip_nonfinite=False):
+def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool, ema=None, skip_nonfinite=False,
+                bits: int = 8):
     """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2), grad
     multiplier, clip value, ema momentum, 1 - ema momentum] (fp32). Returns the number of rows
     (blocks) skipped for a non-finite gradient (0-d int64)."""
@@ -157,11 +170,11 @@ def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: boo
         g32 = torch.minimum(torch.maximum(g32, -k[9]), k[9])
     if maximize:
         g32 = -g32
-    m = _decode(codes[0], absmax[0], True) * k[1] + g32 * k[2]
-    v = _decode(codes[1], absmax[1], False) * k[3] + (g32 * g32) * k[4]
+    m = _decode(codes[0], absmax[0], True, bits) * k[1] + g32 * k[2]
+    v = _decode(codes[1], absmax[1], False, bits) * k[3] + (g32 * g32) * k[4]
     vh = v
     if amsgrad:
-        vh = torch.maximum(_decode(codes[2], absmax[2], False), v)
+        vh = torch.maximum(_decode(codes[2], absmax[2], False, bits), v)
     denom = torch.sqrt(vh) * k[7] + k[5]
     p32 = p.float() * k[0] - k[6] * (m / denom)
     p_new = p32.to(p.dtype)
@@ -171,10 +184,10 @@ def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: boo
         ema_new = ema * k[10] + p_new.float() * k[11]
         ema.copy_(ema_new if ok is None else torch.where(ok, ema_new, ema))
     p.copy_(p_new)
-    _encode(m, True, codes[0], absmax[0], ok)
-    _encode(v, False, codes[1], absmax[1], ok)
+    _encode(m, True, codes[0], absmax[0], ok, bits)
+    _encode(v, False, codes[1], absmax[1], ok, bits)
     if amsgrad:
-        _encode(vh, False, codes[2], absmax[2], ok)
+        _encode(vh, False, codes[2], absmax[2], ok, bits)
     if ok is None:
         return torch.zeros((), dtype=torch.int64)
     return (~ok).sum()
@@ -204,7 +217,7 @@ def _compiled_block_step():
 
 
 def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0, ema_mom=None,
-                    bad_blocks=None) -> int:
+                    bad_blocks=None, bits: int = 8) -> int:
     """Run the compiled step over the whole blocks of a tensor; return where the eager path resumes
     (the last partial block), or 0 if compiling failed (then everything goes eager from now on)."""
     n = param.numel()
@@ -219,12 +232,14 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
     names = state_names(sc.amsgrad)
     flat_p, flat_g = param.view(-1), grad.reshape(-1)
     fn = _compiled_block_step()
+    per_byte = 8 // bits
     for start in range(0, nfull, COMPILED_CHUNK_ELEMENTS):
         stop = min(start + COMPILED_CHUNK_ELEMENTS, nfull)
         rows = (stop - start) // block_size
         b0, b1 = start // block_size, stop // block_size
         tensors = (flat_p[start:stop].view(rows, block_size), flat_g[start:stop].view(rows, block_size),
-                   [state[nm + "_codes"][start:stop].view(rows, block_size) for nm in names], [state[nm + "_absmax"][b0:b1] for nm in names])
+                   [state[nm + "_codes"][start // per_byte : stop // per_byte].view(rows, block_size // per_byte) for nm in names],
+                   [state[nm + "_absmax"][b0:b1] for nm in names])
         ema = None if ema_mom is None else state["ema"].view(-1)[start:stop].view(rows, block_size)
         # The row count varies from tensor to tensor, the block size does not: one graph per block size.
         for t in (tensors[0], tensors[1], *tensors[2], *tensors[3], *([ema] if ema is not None else [])):
@@ -232,9 +247,9 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
         # One graph per (param dtype, block size, flags, rows == 1): a process that mixes many (the
         # tests do) would pass dynamo's default of 8 recompiles, so the limit is raised for our calls
         # that may compile. Only those: the patch costs about 1 ms, more than a small call.
-        args = (*tensors, k, sc.amsgrad, sc.maximize, clip, ema, sc.skip_nonfinite)
+        args = (*tensors, k, sc.amsgrad, sc.maximize, clip, ema, sc.skip_nonfinite, bits)
         variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, clip, ema is not None, sc.skip_nonfinite,
-                   rows == 1, param.device.type)
+                   rows == 1, param.device.type, bits)
         try:
             if variant in _compiled_variants:
                 skipped = fn(*args)
@@ -263,7 +278,7 @@ def _ema_update(ema: torch.Tensor, written: torch.Tensor, mom: float) -> torch.T
 
 def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator,
                      compiled: bool = False, grad_mul: float = 1.0, ema_mom: float | None = None,
-                     bad_blocks: torch.Tensor | None = None) -> None:
+                     bad_blocks: torch.Tensor | None = None, bits: int = 8) -> None:
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     names = state_names(sc.amsgrad)
     flat_p = param.view(-1)
@@ -272,7 +287,8 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
     # Stochastic rounding of 16-bit weights needs the eager path's seeded generator.
     first = 0
     if compiled and compiled_available() and not (sc.stochastic_rounding and param.dtype != torch.float32):
-        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks)
+        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks, bits)
+    per_byte = 8 // bits
     for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
@@ -290,10 +306,10 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
                 ok_blocks = None
         moments = []
         for name in names:
-            codes = state[name + "_codes"][start:stop]
+            codes = state[name + "_codes"][start // per_byte : fmt.codes_numel(stop, bits)]
             absmax = state[name + "_absmax"][b0:b1]
             buf = torch.empty(stop - start, dtype=torch.float32, device=param.device)
-            moments.append((name, codes, absmax, fmt.decode_span(codes, absmax, fmt.is_signed(name), block_size, buf)))
+            moments.append((name, codes, absmax, fmt.decode_span(codes, absmax, fmt.is_signed(name), block_size, buf, bits)))
         p_chunk = flat_p[start:stop]
         p32 = p_chunk.to(torch.float32, copy=True)
         vmax = moments[2][3] if sc.amsgrad else None
@@ -308,11 +324,11 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
         p_chunk.copy_(written)
         for name, codes, absmax, buf in moments:
             if ok is None:
-                fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax)
+                fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax, bits)
                 continue
             new_codes, new_absmax = torch.empty_like(codes), torch.empty_like(absmax)
-            fmt.encode_span(buf, fmt.is_signed(name), block_size, new_codes, new_absmax)
-            codes.copy_(torch.where(ok, new_codes, codes))
+            fmt.encode_span(buf, fmt.is_signed(name), block_size, new_codes, new_absmax, bits)
+            codes.copy_(torch.where(ok[::per_byte], new_codes, codes))  # a byte never spans two blocks
             absmax.copy_(torch.where(ok_blocks, new_absmax, absmax))
 
 
@@ -345,8 +361,9 @@ def adamw8bit_step(
     grad_muls: list[float] | None = None,
     ema_moms: list[float] | None = None,
     bad_blocks: torch.Tensor | None = None,
+    bits: int = 8,
 ) -> None:
-    """Update a bucket of parameters with 8-bit state in place. ``state["step"]`` must already be
+    """Update a bucket of parameters with quantized state (``bits`` 8 or 4, see ``format``) in place. ``state["step"]`` must already be
     incremented. All tensors of the bucket share one device and one parameter dtype. ``grad_muls``
     (one float per tensor, default 1) multiplies each gradient inside the step. ``ema_moms`` (one
     float per tensor, or None for no EMA) updates ``state["ema"]`` (fp32) from the new weights.
@@ -362,13 +379,13 @@ def adamw8bit_step(
         moms = [None] * len(params) if ema_moms is None else ema_moms
         for i, (p, g, s, mul, mom) in enumerate(zip(params, grads, states, muls, moms)):
             _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul, ema_mom=mom,
-                             bad_blocks=None if bad_blocks is None else bad_blocks[i])
+                             bad_blocks=None if bad_blocks is None else bad_blocks[i], bits=bits)
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
         triton_step_8bit(
             params, grads, states, scalars, block_size=block_size, blocks_per_program=blocks_per_program,
-            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls, ema_moms=ema_moms, bad_blocks=bad_blocks,
+            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls, ema_moms=ema_moms, bad_blocks=bad_blocks, bits=bits,
         )
     else:
         raise ValueError(f"backend must be 'torch', 'compiled' or 'triton', got {backend!r}")

@@ -182,6 +182,7 @@ def triton_step_8bit(
     bad_blocks: torch.Tensor | None = None,
     num_warps: int | None = None,
     force_general: bool = False,
+    bits: int = 8,
 ) -> None:
     """The fused step over a bucket: one launch per alignment class (at most two). ``skip`` (bool per
     tensor, on the device) leaves chosen tensors untouched without a host sync. ``bad_blocks`` (int32
@@ -220,7 +221,7 @@ def triton_step_8bit(
             if not idx:
                 continue
             ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
-            key = _plan_key(ps, ss, names, block_size, bpp, idx)
+            key = _plan_key(ps, ss, names, block_size, bpp, idx) + (bits,)
             plan = cache.get(key)
             if plan is None:
                 plan = cache[key] = _Plan(ps, ss, names, block_size, bpp, idx, aligned)
@@ -249,7 +250,7 @@ def triton_step_8bit(
                 bad_blocks,
                 block_size=block_size, blocks_per_program=bpp, amsgrad=sc.amsgrad, maximize=sc.maximize,
                 stochastic=sc.stochastic_rounding, seed=seed, clip_value=sc.clip_value, ema=ema_moms is not None,
-                skip_nonfinite=sc.skip_nonfinite, aligned=aligned, num_warps=warps,
+                skip_nonfinite=sc.skip_nonfinite, aligned=aligned, num_warps=warps, bits=bits,
             )
     for key in [k for k in cache if k not in live_keys]:  # old addresses are stale once anything moved
         del cache[key]

@@ -1,4 +1,4 @@
-"""``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit blockwise codes."""
+"""``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit (or 4-bit) blockwise codes."""
 from __future__ import annotations
 
 import math
@@ -41,7 +41,10 @@ class AdamW8bit(torch.optim.Optimizer):
         passed to torch's AdamW for the parameters kept in fp32 state).
 
     Keyword-only:
-        block_size: elements per quantization block (power of two, 64..4096; default 256).
+        bits: width of the moment codes, 8 (default, 2.03 bytes of state per parameter) or 4 (1.06 bytes;
+            codes packed two per byte). Per param group too.
+        block_size: elements per quantization block (power of two, 64..4096; default 256 at 8 bits and
+            128 at 4 bits).
         min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
         bias_correction: apply Adam's bias correction (MLX calls it ``bias_correction``; default True).
         stochastic_rounding: write 16-bit parameters with stochastic rounding (default False).
@@ -84,8 +87,9 @@ class AdamW8bit(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         *,
-        block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+        block_size: int | None = None,
         min_8bit_size: int = 4096,
+        bits: int = 8,
         bias_correction: bool = True,
         stochastic_rounding: bool = False,
         backend: str | None = None,
@@ -128,6 +132,7 @@ class AdamW8bit(torch.optim.Optimizer):
             foreach=foreach,
             fused=fused,
             block_size=block_size,
+            bits=bits,
             min_8bit_size=min_8bit_size,
             bias_correction=bias_correction,
             stochastic_rounding=stochastic_rounding,
@@ -188,9 +193,13 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         _check_scalar("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         _check_scalar("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        fmt.check_block_size(group["block_size"])
+        fmt.check_bits(group["bits"])
+        if group["block_size"] is not None:  # None (the constructor default): resolved per group by its width
+            fmt.check_block_size(group["block_size"])
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict) and param_group.get("block_size", self.defaults["block_size"]) is None:
+            param_group = dict(param_group, block_size=fmt.default_block_size(param_group.get("bits", self.defaults["bits"])))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_group(group)
@@ -231,12 +240,13 @@ class AdamW8bit(torch.optim.Optimizer):
             self._fp32_forced.add(id(p))
             state = self.state.get(p)
             if state and "exp_avg_codes" in state:
-                block_size = self._group_of(p)["block_size"]
+                group = self._group_of(p)
                 for name in fmt.QUANTIZED_MOMENTS:
                     if name + "_codes" in state:
                         codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
                         full = fmt.dequantize_blockwise(sharding.local(codes).reshape(-1), sharding.local(absmax).reshape(-1),
-                                                        fmt.is_signed(name), block_size)
+                                                        fmt.is_signed(name), group["block_size"], group["bits"],
+                                                        numel=sharding.local(p).numel())
                         state[name] = sharding.like(p, full.view_as(sharding.local(p)), p.shape)
 
     def _group_of(self, p):
@@ -256,17 +266,20 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         names = state_names(group["amsgrad"])
         if self._wants_8bit(p, group):
-            block = group["block_size"]
+            block, bits = group["block_size"], group["bits"]
             for name in names:
-                zero = fmt.M_ZERO_CODE if fmt.is_signed(name) else fmt.V_ZERO_CODE
-                if sharding.is_dtensor(p):  # shaped like the parameter so DCP can reshard it (see sharding.py)
+                # The code of zero; at 4 bits both nibbles of a byte hold it.
+                zero = fmt.m_levels(bits) * (1 if bits == 8 else 17) if fmt.is_signed(name) else fmt.V_ZERO_CODE
+                if sharding.is_dtensor(p):  # rows travel with their codes and scales, so DCP can reshard it (see sharding.py)
                     loc = sharding.local(p)
-                    codes = torch.full(loc.shape, zero, dtype=torch.uint8, device=loc.device)
-                    absmax = torch.zeros(loc.shape[0] if loc.dim() else 0, sharding.row_length(p) // block, device=loc.device)
-                    state[name + "_codes"] = sharding.like(p, codes, p.shape)
+                    rows = loc.shape[0] if loc.dim() else 0
+                    codes_local = loc.shape if bits == 8 else (rows, sharding.row_length(p) // 2)
+                    codes = torch.full(codes_local, zero, dtype=torch.uint8, device=loc.device)
+                    absmax = torch.zeros(rows, sharding.row_length(p) // block, device=loc.device)
+                    state[name + "_codes"] = sharding.like(p, codes, sharding.codes_shape(p, bits))
                     state[name + "_absmax"] = sharding.like(p, absmax, sharding.absmax_shape(p, block))
                 else:
-                    state[name + "_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+                    state[name + "_codes"] = torch.full((fmt.codes_numel(p.numel(), bits),), zero, dtype=torch.uint8, device=p.device)
                     state[name + "_absmax"] = torch.zeros(fmt.num_blocks(p.numel(), block), dtype=torch.float32, device=p.device)
         else:
             dtype = torch.float32
@@ -543,7 +556,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 for s in states:
                     s["step"] += 1
                 adamw8bit_step(
-                    params, grads, states, sc, block_size=group["block_size"], backend=self._resolve_backend(device),
+                    params, grads, states, sc, block_size=group["block_size"], bits=group["bits"],
+                    backend=self._resolve_backend(device),
                     plan_cache=self._plans[(id(group), device, _dtype)], grad_muls=muls, ema_moms=moms, bad_blocks=counts,
                 )
             else:
@@ -572,7 +586,8 @@ class AdamW8bit(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         self._report_nonfinite(wait=True)
         sd = super().state_dict()
-        sd["lowbit_adamw"] = {"format_version": fmt.FORMAT_VERSION, "block_size": self.defaults["block_size"]}
+        sd["lowbit_adamw"] = {"format_version": fmt.FORMAT_VERSION, "block_size": self.defaults["block_size"],
+                              "bits": self.defaults["bits"]}
         # torch.distributed.checkpoint keeps only "state" and "param_groups": the version rides there too.
         for g in sd["param_groups"]:
             g[_VERSION_KEY] = fmt.FORMAT_VERSION
@@ -591,10 +606,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry). "
                 "For a torch.optim.AdamW state dict use lowbit_adamw.load_torch_adamw_state_dict(optimizer, sd)"
             )
-        if meta.get("format_version") != fmt.FORMAT_VERSION:
+        if meta.get("format_version") not in fmt.READABLE_VERSIONS:
             raise ValueError(
-                f"state dict has format version {meta.get('format_version')!r}; this lowbit_adamw reads version "
-                f"{fmt.FORMAT_VERSION}. Convert it with the lowbit_adamw version that wrote it (to_torch_adamw_state_dict)"
+                f"state dict has format version {meta.get('format_version')!r}; this lowbit_adamw reads versions "
+                f"{fmt.READABLE_VERSIONS}. Convert it with the lowbit_adamw version that wrote it (to_torch_adamw_state_dict)"
             )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -608,15 +623,22 @@ class AdamW8bit(torch.optim.Optimizer):
                     f"param group {i}: state dict was saved with block_size={saved.get('block_size')}, this optimizer uses "
                     f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
                 )
+            saved_bits = saved.get("bits", 8)  # format version 1 is 8-bit
+            if saved_bits != group["bits"]:
+                raise ValueError(
+                    f"param group {i}: state dict holds {saved_bits}-bit moment codes, this optimizer uses bits={group['bits']}; "
+                    f"create the optimizer with bits={saved_bits}, or convert the state through "
+                    "to_torch_adamw_state_dict / load_torch_adamw_state_dict"
+                )
             for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                id_map[pid] = (p, self._label(group, j, p), group["block_size"])
+                id_map[pid] = (p, self._label(group, j, p), group["block_size"], group["bits"])
 
         new_state = defaultdict(dict)
         for pid, saved_state in state_dict["state"].items():
             if pid not in id_map:
                 raise ValueError(f"state dict has state for parameter id {pid}, which no param group lists")
-            p, label, block_size = id_map[pid]
-            new_state[p] = self._load_param_state(p, saved_state, label, block_size)
+            p, label, block_size, bits = id_map[pid]
+            new_state[p] = self._load_param_state(p, saved_state, label, block_size, bits)
 
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
@@ -632,7 +654,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.param_groups = new_groups
 
     @staticmethod
-    def _load_param_state(p, saved: dict, label: str, block_size: int) -> dict:
+    def _load_param_state(p, saved: dict, label: str, block_size: int, bits: int = 8) -> dict:
         out = {}
         for key, value in saved.items():
             if not isinstance(value, torch.Tensor):
@@ -647,16 +669,17 @@ class AdamW8bit(torch.optim.Optimizer):
                 continue
             if codes.dtype != torch.uint8 or absmax is None or absmax.dtype != torch.float32:
                 raise ValueError(f"{label}: {name} must be uint8 codes with float32 absmax in the state dict")
-            if codes.numel() != p.numel() or absmax.numel() != fmt.num_blocks(p.numel(), block_size):
+            if codes.numel() != fmt.codes_numel(p.numel(), bits) or absmax.numel() != fmt.num_blocks(p.numel(), block_size):
                 raise ValueError(
-                    f"{label}: saved {name} has {codes.numel()} codes / {absmax.numel()} blocks but the parameter has "
-                    f"{p.numel()} elements ({fmt.num_blocks(p.numel(), block_size)} blocks of {block_size})"
+                    f"{label}: saved {name} has {codes.numel()} code bytes / {absmax.numel()} blocks but the parameter has "
+                    f"{p.numel()} elements ({fmt.codes_numel(p.numel(), bits)} bytes of {bits}-bit codes, "
+                    f"{fmt.num_blocks(p.numel(), block_size)} blocks of {block_size})"
                 )
             if sharding.is_dtensor(p):
                 if not sharding.can_quantize(p, block_size):
                     raise ValueError(f"{label}: saved 8-bit {name}, but this sharded parameter's rows ({sharding.row_length(p)} "
                                      f"elements) are not whole blocks of {block_size}; load it with force_fp32_state off the mesh")
-                out[name + "_codes"] = sharding.to_param_layout(p, codes, p.shape)
+                out[name + "_codes"] = sharding.to_param_layout(p, codes, sharding.codes_shape(p, bits))
                 out[name + "_absmax"] = sharding.to_param_layout(p, absmax, sharding.absmax_shape(p, block_size))
             else:  # flat v1 layout; a sharded save's (rows, ...) layout is the same bytes in row-major order
                 out[name + "_codes"] = sharding.to_param_layout(p, codes, None).reshape(-1)

@@ -5,7 +5,8 @@ layout is the same v1 format as a plain tensor. What makes a DTensor state check
 reshardable by ``torch.distributed.checkpoint`` is how the state tensors are shaped:
 
 * full-precision moments are DTensors shaped and placed like the parameter;
-* 8-bit codes are a uint8 DTensor shaped and placed like the parameter;
+* codes are a uint8 DTensor of shape ``(rows, row_length * bits // 8)`` (at 8 bits the parameter's
+  shape, flattened past dim 0) with the parameter's placements;
 * block scales are a DTensor of shape ``(rows, row_length // block_size)`` with the parameter's
   placements, so each row's blocks travel with the row.
 
@@ -44,6 +45,10 @@ def can_quantize(p: torch.Tensor, block_size: int) -> bool:
         return True
     placements_ok = all(pl == Replicate() or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements)
     return placements_ok and p.dim() >= 2 and row_length(p) % block_size == 0
+
+
+def codes_shape(p: torch.Tensor, bits: int) -> tuple[int, ...]:
+    return tuple(p.shape) if bits == 8 else (p.shape[0], row_length(p) * bits // 8)
 
 
 def absmax_shape(p: torch.Tensor, block_size: int) -> tuple[int, int]:

@@ -12,7 +12,8 @@ Three routes, from most explicit to least editing:
 What "behaves like the built-in choice" means here: the same lr, betas, eps and weight decay from
 ``TrainingArguments``, Trainer's own decay / no-decay groups, and Trainer's bitsandbytes embedding
 policy (``nn.Embedding`` weights keep fp32 state; ``embedding_fp32=False`` turns that off).
-``TrainingArguments.optim_args`` may set our own options, e.g. ``optim_args="block_size=128,min_8bit_size=0"``,
+``TrainingArguments.optim_args`` may set our own options, e.g. ``optim_args="bits=4"`` (4-bit state),
+``optim_args="block_size=128,min_8bit_size=0"``,
 or ``optim_args="step_in_backward=true"`` (with ``max_grad_norm=0`` and no gradient accumulation, which
 Trainer would otherwise apply to gradients that no longer exist: refused with a message).
 """
@@ -34,6 +35,7 @@ DEFAULT_OPTIM_NAMES = ("adamw_8bit", "adamw_bnb_8bit")
 # optim_args keys we accept and how to parse their string values.
 _OPTIM_ARG_TYPES = {
     "block_size": int,
+    "bits": int,
     "min_8bit_size": int,
     "bias_correction": lambda s: _parse_bool("bias_correction", s),
     "stochastic_rounding": lambda s: _parse_bool("stochastic_rounding", s),
