@@ -7,8 +7,9 @@ gradients (teacher forcing: no trajectory divergence), requantizing after each s
 AdamW update direction m_hat / (sqrt(v_hat) + eps) with fp32's: relative L2 error, mean over steps.
 
 Candidates, at 8 bits (blocks of 256) and at 4 bits (blocks of 128 unless named):
-* ``lowbit``: the shipped codec (``lowbit_adamw.format``) at that width: power companding, m = sign(y) y^2,
-  v = y^4, rounded to the nearest level in the companded domain, zero-point guard for v;
+* ``lowbit``: the shipped codec (``lowbit_adamw.format``) at that width: m = sign(y) y^2 (square-root
+  companding) on 127 or 7 levels a side; v = y^4 on 255 levels with a zero-point guard at 8 bits, the
+  zero-free linear map (c + 1) / 16 at 4 bits;
 * other companding powers, and bitsandbytes' dynamic (tree) maps with nearest-entry search;
 * ``+ stochastic v``: v rounded up or down between its two neighbouring levels with the probability
   that makes the decoded value unbiased (a small change of v survives on average instead of being
@@ -115,7 +116,7 @@ def _dynamic_map(signed, max_exp_bits, total_bits):
     return torch.tensor(data)
 
 
-LOWBIT8 = "8-bit lowbit v1 (m sqrt, v 4th root)"
+LOWBIT8 = "8-bit lowbit (m sqrt, v 4th root)"
 BNB8 = "8-bit bnb dynamic maps"
 
 
@@ -127,13 +128,14 @@ def codecs():
         "8-bit power m^3 / v^6": power_codec(8, 3, 6, 256),
         "8-bit power m^3 / v^6 + stochastic v": power_codec(8, 3, 6, 256, stochastic_v=True),
         "8-bit linear m / v^2": power_codec(8, 1, 2, 256),
-        "4-bit lowbit (m sqrt, v 4th root) B128": lowbit(4, 128),
-        "4-bit lowbit B256": lowbit(4, 256),
-        "4-bit lowbit B64": lowbit(4, 64),
+        "4-bit lowbit v2 (m sqrt, v zero-free linear) B128": lowbit(4, 128),
+        "4-bit lowbit v2 B256": lowbit(4, 256),
+        "4-bit lowbit v2 B64 (1.125 B/param)": lowbit(4, 64),
+        "4-bit lowbit v2 + stochastic v B128": table_codec(_sqrt_table(4), zero_free16, 128, 128, stochastic_v=True),
+        "4-bit m sqrt, v zero-free linear rank-1": table_codec(_sqrt_table(4), zero_free16, 128, 128, rank1=True),
+        "4-bit m sqrt, v 4th root B128": power_codec(4, 2, 4, 128),
+        "4-bit m sqrt, v 4th root rank-1": power_codec(4, 2, 4, 128, rank1=True),
         "4-bit power m^3 / v^6 B128": power_codec(4, 3, 6, 128),
-        "4-bit lowbit + stochastic v B128": power_codec(4, 2, 4, 128, stochastic_v=True),
-        "4-bit lowbit, v rank-1": power_codec(4, 2, 4, 128, rank1=True),
-        "4-bit m sqrt, v zero-free linear B128": table_codec(_dynamic_sqrt_table(), zero_free16, 128, 128),
         "4-bit m DE, v zero-free linear B128 (torchao)": table_codec(_dynamic_map(True, 3, 4), zero_free16, 128, 128),
         "4-bit m DE, v zero-free linear rank-1 (paper)": table_codec(_dynamic_map(True, 3, 4), zero_free16, 128, 128, rank1=True),
     }
@@ -146,9 +148,8 @@ def codecs():
     return out
 
 
-def _dynamic_sqrt_table():
-    q = torch.arange(-7, 8, dtype=torch.float64)
-    return (torch.sign(q) * (q / 7) ** 2).float()
+def _sqrt_table(bits):
+    return fmt.code_map("exp_avg", bits)[: 2 * fmt.m_levels(bits) + 1]
 
 
 def update_error(steps: int, seed: int = 0) -> dict[str, float]:

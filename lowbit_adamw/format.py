@@ -59,7 +59,7 @@ companding gives two thirds of the error of bitsandbytes' dynamic (tree) maps, a
 of square roots instead of a search over 256 entries. At 4 bits v's resolution near the block maximum
 matters most: the zero-free linear map beats fourth-root companding (0.47 against 0.55) and the
 dynamic-exponent m map of torchao's AdamW4bit loses to square-root companding (0.50 against 0.47);
-rank-1 normalization of v gains 7% but needs every row of a tensor before any can be encoded (a second
+rank-1 normalization of v gains 10% (0.42) but needs every row of a tensor before any can be encoded (a second
 pass, and an all-reduce under FSDP2), so blocks are kept.
 
 State dict

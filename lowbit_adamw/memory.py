@@ -42,7 +42,9 @@ OPTIMIZERS = {
     "adamw_fused": "torch AdamW (fused)",
     "bnb_8bit": "bitsandbytes AdamW8bit",
     "torchao_8bit": "torchao AdamW8bit",
+    "torchao_4bit": "torchao AdamW4bit",
     "lowbit_8bit": "lowbit AdamW8bit",
+    "lowbit_4bit": "lowbit AdamW8bit, bits=4",
     "lowbit_8bit_emb32": "lowbit AdamW8bit, fp32 state for embeddings",
     "lowbit_8bit_amsgrad": "lowbit AdamW8bit, amsgrad",
 }
@@ -181,7 +183,7 @@ def estimate_state_bytes(name: str, specs: list[ParamSpec]) -> dict[str, int]:
     if name.startswith("lowbit"):
         from .optimizer import AdamW8bit
 
-        kw = dict(amsgrad=name.endswith("amsgrad"))
+        kw = dict(amsgrad=name.endswith("amsgrad"), bits=4 if name.startswith("lowbit_4bit") else 8)
         if name.endswith("emb32"):
             kw["fp32_state"] = [s.meta for s in specs if s.embedding]
         opt = AdamW8bit([s.meta for s in specs], **kw)
@@ -209,6 +211,14 @@ def estimate_state_bytes(name: str, specs: list[ParamSpec]) -> dict[str, int]:
                     out["codes"] += 2 * n
                     out["scales"] += 2 * 4 * (n // 256)
                     out["other"] += 2 * 256 * 4
+                else:
+                    out["full"] += 2 * n * size
+                out["other"] += 4
+            elif name == "torchao_4bit":  # 4-bit (packed) only if >= 4096 and divisible by 128; a 16-entry table per moment
+                if n >= 4096 and n % 128 == 0:
+                    out["codes"] += n
+                    out["scales"] += 2 * 4 * (n // 128)
+                    out["other"] += 2 * 16 * 4
                 else:
                     out["full"] += 2 * n * size
                 out["other"] += 4
@@ -398,10 +408,14 @@ def make_optimizer(name: str, model: nn.Module, lr: float = 1e-3) -> torch.optim
         from torchao.optim import AdamW8bit as TorchaoAdamW8bit
 
         return TorchaoAdamW8bit(params, lr=lr)
+    if name == "torchao_4bit":
+        from torchao.optim import AdamW4bit as TorchaoAdamW4bit
+
+        return TorchaoAdamW4bit(params, lr=lr)
     if name.startswith("lowbit"):
         from .optimizer import AdamW8bit
 
-        kw = dict(amsgrad=name.endswith("amsgrad"))
+        kw = dict(amsgrad=name.endswith("amsgrad"), bits=4 if name.startswith("lowbit_4bit") else 8)
         if name.endswith("emb32"):
             kw.update(fp32_state=[nn.Embedding], model=model)
         return AdamW8bit(params, lr=lr, **kw)

@@ -618,17 +618,17 @@ class AdamW8bit(torch.optim.Optimizer):
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(f"param group {i}: state dict has {len(saved['params'])} parameters, this optimizer has {len(group['params'])}")
-            if saved.get("block_size") != group["block_size"]:
-                raise ValueError(
-                    f"param group {i}: state dict was saved with block_size={saved.get('block_size')}, this optimizer uses "
-                    f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
-                )
             saved_bits = saved.get("bits", 8)  # format version 1 is 8-bit
             if saved_bits != group["bits"]:
                 raise ValueError(
                     f"param group {i}: state dict holds {saved_bits}-bit moment codes, this optimizer uses bits={group['bits']}; "
                     f"create the optimizer with bits={saved_bits}, or convert the state through "
                     "to_torch_adamw_state_dict / load_torch_adamw_state_dict"
+                )
+            if saved.get("block_size") != group["block_size"]:
+                raise ValueError(
+                    f"param group {i}: state dict was saved with block_size={saved.get('block_size')}, this optimizer uses "
+                    f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
                 )
             for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 id_map[pid] = (p, self._label(group, j, p), group["block_size"], group["bits"])

@@ -14,6 +14,11 @@ from lowbit_adamw import AdamW8bit
 from lowbit_adamw import format as fmt
 
 OPT_KW = dict(lr=3e-3, block_size=64, min_8bit_size=1024, weight_decay=0.1, ema_decay=0.9)  # EMA: one more sharded state
+
+
+def opt_kw(bits=None):
+    """OPT_KW at the code width the parent asked for (LOWBIT_TEST_BITS, set around the spawn)."""
+    return dict(OPT_KW, bits=bits or int(os.environ.get("LOWBIT_TEST_BITS", "8")))
 BATCH = 8
 
 
@@ -79,7 +84,8 @@ def full_state(model, opt):
         for m in ("exp_avg", "exp_avg_sq"):
             if m + "_codes" in s:
                 entry[m] = fmt.dequantize_blockwise(full(s[m + "_codes"]).reshape(-1), full(s[m + "_absmax"]).reshape(-1),
-                                                    fmt.is_signed(m), OPT_KW["block_size"]).view(p.shape)
+                                                    fmt.is_signed(m), OPT_KW["block_size"], opt_kw()["bits"],
+                                                    numel=p.numel()).view(p.shape)
             else:
                 entry[m] = full(s[m]).clone()
         out[name] = entry
@@ -93,7 +99,7 @@ def fsdp_train_and_save(rank, world, port, out_dir, steps, more):
 
     setup(rank, world, port)
     model = sharded_model(world)
-    opt = AdamW8bit(model.parameters(), **OPT_KW)
+    opt = AdamW8bit(model.parameters(), **opt_kw())
     losses = train_steps(model, opt, steps, rank, world)
     saved = full_state(model, opt)
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -114,7 +120,7 @@ def fsdp_load(rank, world, port, out_dir, src, resave, steps_done, more):
 
     setup(rank, world, port)
     model = sharded_model(world)
-    opt = AdamW8bit(model.parameters(), **OPT_KW)
+    opt = AdamW8bit(model.parameters(), **opt_kw())
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(sd, checkpoint_id=os.path.join(out_dir, src))
     set_model_state_dict(model, sd["model"])
@@ -138,7 +144,7 @@ def ddp_train(rank, world, port, out_dir, steps):
     setup(rank, world, port)
     inner = tiny_model(seed=0, dim=64, layers=2, seq_len=33)
     model = DDP(inner)
-    opt = AdamW8bit(model.parameters(), **OPT_KW)
+    opt = AdamW8bit(model.parameters(), **opt_kw())
 
     class Wrap:
         def loss(self, x, y):
@@ -155,7 +161,7 @@ def nonfinite_on_one_rank(rank, world, port, out_dir):
     rule is rank-local (blocks never straddle shards), so no rank waits for another."""
     setup(rank, world, port)
     model = sharded_model(world)
-    opt = AdamW8bit(model.parameters(), **OPT_KW)
+    opt = AdamW8bit(model.parameters(), **opt_kw())
     target = model.blocks[0].up.weight
     before = target.full_tensor().clone()
     x, y = batches(1)[0]
@@ -182,7 +188,7 @@ def nonfinite_on_one_rank(rank, world, port, out_dir):
     kinds = {}
     for name, lin in (("odd", odd), ("even", even)):
         fully_shard(lin)
-        o = AdamW8bit(lin.parameters(), **OPT_KW)
+        o = AdamW8bit(lin.parameters(), **opt_kw())
         lin(torch.ones(2, lin.in_features)).sum().backward()
         o.step()
         st = o.state[lin.weight]

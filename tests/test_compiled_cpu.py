@@ -31,9 +31,11 @@ def grads(step):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kw", [dict(weight_decay=0.1), dict(amsgrad=True, maximize=True), dict(bias_correction=False, lr=1e-2)])
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.1), dict(amsgrad=True, maximize=True), dict(bias_correction=False, lr=1e-2),
+                                dict(bits=4, weight_decay=0.1), dict(bits=4, amsgrad=True, ema_decay=0.9)])
 def test_compiled_step_matches_eager_step(dtype, kw):
     eager, compiled = twin_optimizers(dtype, **kw)
+    bits, block = eager.param_groups[0]["bits"], eager.param_groups[0]["block_size"]
     for step in range(3):
         before = {}
         for pe, g in zip(eager.param_groups[0]["params"], grads(step)):
@@ -49,8 +51,8 @@ def test_compiled_step_matches_eager_step(dtype, kw):
             if pe in before:  # from the second step on the oracle's moments can be recomputed from the saved state
                 p0, s0, g = before[pe]
                 s0["step"] += 1
-                moments = oracle_moments(p0, g, s0, eager._step_scalars(eager.param_groups[0]), 256)
-                assert_codes_match(se, sc, moments, 256, where=f"tensor {i} step {step}: ")
+                moments = oracle_moments(p0, g, s0, eager._step_scalars(eager.param_groups[0]), block, bits=bits)
+                assert_codes_match(se, sc, moments, block, where=f"tensor {i} step {step}: ", bits=bits)
             assert_params_within_ulp(pe, pc, where=f"tensor {i} step {step}")
             with torch.no_grad():
                 pc.copy_(pe)
@@ -60,9 +62,10 @@ def test_compiled_step_matches_eager_step(dtype, kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_and_eager_give_the_same_bits(dtype):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_and_eager_give_the_same_bits(dtype, bits):
     # step_spec: one rounded operation at a time, correctly rounded sqrt, so no ISA can make them differ
-    eager, compiled = twin_optimizers(dtype, weight_decay=0.1, amsgrad=True)
+    eager, compiled = twin_optimizers(dtype, weight_decay=0.1, amsgrad=True, bits=bits)
     for step in range(3):
         for o in (eager, compiled):
             for p, g in zip(o.param_groups[0]["params"], grads(step)):

@@ -46,6 +46,9 @@ def test_estimate_matches_measured_tinylm_fp32():
     assert est.row("adamw").state_full == 8 * est.trainable
     assert mea.row("lowbit_8bit").activations > 0
     assert len({r.activations for r in mea.rows}) == 1  # same model, same batch: same activations
+    # 4-bit: half the code bytes of 8-bit, twice the scales (blocks of 128 instead of 256)
+    assert 2 * est.row("lowbit_4bit").state_codes == est.row("lowbit_8bit").state_codes
+    assert est.row("lowbit_4bit").state_scales == 2 * est.row("lowbit_8bit").state_scales
 
 
 def test_estimate_matches_measured_llama_bf16():
