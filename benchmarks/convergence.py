@@ -1,6 +1,6 @@
 """Convergence: TinyLM (byte-level causal LM) on Python's own stdlib source, one init and one batch
 order for every optimizer, at two learning rates: fp32 torch AdamW, bitsandbytes AdamW8bit, torchao
-AdamW8bit and lowbit AdamW8bit. Reports final held-out loss (and its gap to fp32 AdamW) and the curves.
+AdamW8bit and AdamW4bit, and lowbit AdamW8bit at 8 and 4 bits. Reports final held-out loss (and its gap to fp32 AdamW) and the curves.
 
     python benchmarks/convergence.py --quick                 # a few minutes on 2 CPU cores
     python benchmarks/convergence.py --steps 600 --out benchmarks/results/convergence_cpu.json --png benchmarks/results/convergence_cpu.png
@@ -16,7 +16,7 @@ from benchlib import pyplot, save
 from lowbit_adamw.memory import OPTIMIZERS, make_optimizer
 from lowbit_adamw.tinylm import TinyLM, batches, held_out_loss, token_splits
 
-NAMES = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit")
+NAMES = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit", "torchao_4bit", "lowbit_4bit")
 
 
 def run(name, lr, steps, dim, layers, seq_len, batch, eval_every, seed=0):

@@ -3,8 +3,8 @@
     python benchmarks/kernel_report.py [--quick] [--targets sm_80,sm_90,gfx90a,gfx942] [--sweep]
                                        [--out benchmarks/results/kernel_report.json] [--ptx-dir benchmarks/results/ptx]
 
-Every variant the optimizer can launch (param dtype x amsgrad x stochastic rounding x EMA x aligned/general,
-with the default non-finite rule) is compiled by Triton for each target (no driver needed), and its
+Every variant the optimizer can launch (code width x param dtype x amsgrad x stochastic rounding x EMA x
+aligned/general, with the default non-finite rule) is compiled by Triton for each target (no driver needed), and its
 assembly is read: global loads/stores by width, registers, spills, shared memory, occupancy at the chosen
 launch shape, and the bytes a step moves per parameter. From those bytes and the published memory
 bandwidth of a GPU comes a floor for one Llama-2-7B step, beside the same floor for torch's fused AdamW
@@ -55,14 +55,16 @@ DTYPES = {"fp32": ("*fp32", 4), "bf16": ("*bf16", 2), "fp16": ("*fp16", 2)}
 DEFAULT_BLOCK = fmt.DEFAULT_BLOCK_SIZE
 
 
-def launch_shape(backend: str) -> tuple[int, int]:
+def launch_shape(backend: str, bits: int = 8) -> tuple[int, int]:
     """(blocks per program, num_warps) the optimizer launches with on this kind of GPU."""
-    return kernel_launch.default_blocks_per_program(DEFAULT_BLOCK), kernel_launch.default_num_warps(backend == "hip")
+    return (kernel_launch.default_blocks_per_program(fmt.default_block_size(bits)),
+            kernel_launch.default_num_warps(backend == "hip"))
 
 
-def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, ema=False, aligned=True, bpp=None, warps=None):
+def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, ema=False, aligned=True, bpp=None, warps=None,
+                    bits=8):
     backend, arch, warp_size = TARGETS[target][:3]
-    d_bpp, d_warps = launch_shape(backend)
+    d_bpp, d_warps = launch_shape(backend, bits)
     bpp, warps = bpp or d_bpp, warps or d_warps
     ptr = DTYPES[dtype][0]
     types = dict(p_base=ptr, g_base=ptr, mc_base="*u8", ma_base="*fp32", vc_base="*u8", va_base="*fp32", xc_base="*u8",
@@ -73,7 +75,8 @@ def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, em
     signature = {n: types.get(n, "constexpr") for n in names}
     # At launch Triton marks pointer arguments 16-byte aligned when they are; torch's allocations always are.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if types.get(n, "").startswith("*")}
-    constexprs = variant_constexprs(200, DEFAULT_BLOCK, bpp, amsgrad, False, stochastic, False, ema, True, aligned)
+    constexprs = variant_constexprs(200, fmt.default_block_size(bits), bpp, amsgrad, False, stochastic, False, ema, True, aligned,
+                                    bits)
     src = ASTSource(adamw8bit_kernel, signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=dict(num_warps=warps, enable_fp_fusion=False))
     return kernel, bpp, warps
@@ -154,8 +157,8 @@ def amd_figures(asm: str) -> dict:
 
 # ---- bytes and floors --------------------------------------------------------------------------------
 
-def bytes_per_param(dtype: str, amsgrad=False, ema=False, block=DEFAULT_BLOCK) -> float:
-    return step_bytes_per_param(DTYPES[dtype][1], amsgrad, ema, block)
+def bytes_per_param(dtype: str, amsgrad=False, ema=False, bits=8) -> float:
+    return step_bytes_per_param(DTYPES[dtype][1], amsgrad, ema, fmt.default_block_size(bits), bits)
 
 
 def torch_fused_bytes_per_param(dtype: str) -> float:
@@ -172,12 +175,14 @@ def floors(target: str, dtype: str, bpp_bytes: float) -> list[dict]:
     return out
 
 
-def report_variant(target, dtype, amsgrad=False, stochastic=False, ema=False, aligned=True, bpp=None, warps=None, ptx_dir=None):
-    kernel, bpp, warps = compile_variant(target, dtype, amsgrad, stochastic, ema, aligned, bpp, warps)
+def report_variant(target, dtype, amsgrad=False, stochastic=False, ema=False, aligned=True, bpp=None, warps=None, ptx_dir=None,
+                   bits=8):
+    kernel, bpp, warps = compile_variant(target, dtype, amsgrad, stochastic, ema, aligned, bpp, warps, bits)
     backend = TARGETS[target][0]
     smem = int(getattr(kernel.metadata, "shared", 0) or 0)
-    row = dict(target=target, dtype=dtype, amsgrad=amsgrad, stochastic=stochastic, ema=ema, aligned=aligned,
-               blocks_per_program=bpp, elements_per_program=bpp * DEFAULT_BLOCK, num_warps=warps, shared_bytes=smem)
+    row = dict(target=target, bits=bits, dtype=dtype, amsgrad=amsgrad, stochastic=stochastic, ema=ema, aligned=aligned,
+               block_size=fmt.default_block_size(bits), blocks_per_program=bpp,
+               elements_per_program=bpp * fmt.default_block_size(bits), num_warps=warps, shared_bytes=smem)
     if backend == "cuda":
         ptx = kernel.asm["ptx"]
         ops = ptx_memory_ops(ptx)
@@ -192,28 +197,30 @@ def report_variant(target, dtype, amsgrad=False, stochastic=False, ema=False, al
         row["scalar_8_16_bit_global_ops"] = scalar_narrow_amd(ops)
         text, ext = asm, "amdgcn"
     row["global_memory_ops"] = dict(sorted(ops.items()))
-    row["bytes_per_param"] = bytes_per_param(dtype, amsgrad, ema)
+    row["bytes_per_param"] = bytes_per_param(dtype, amsgrad, ema, bits)
     row["floors"] = floors(target, dtype, row["bytes_per_param"])
     if ptx_dir:
         os.makedirs(ptx_dir, exist_ok=True)
-        name = f"{target}_{dtype}{'_amsgrad' if amsgrad else ''}{'_sr' if stochastic else ''}{'_ema' if ema else ''}_{'aligned' if aligned else 'general'}.{ext}"
+        name = f"{target}_{'4bit_' if bits == 4 else ''}{dtype}{'_amsgrad' if amsgrad else ''}{'_sr' if stochastic else ''}{'_ema' if ema else ''}_{'aligned' if aligned else 'general'}.{ext}"
         with open(os.path.join(ptx_dir, name), "w") as f:
             f.write(text)
     return row
 
 
 def variants(quick: bool):
-    if quick:  # the default options: fp32 and bf16 weights, aligned and general
-        for dtype in ("fp32", "bf16"):
-            for aligned in (True, False):
-                yield dict(dtype=dtype, aligned=aligned)
+    if quick:  # the default options at both widths: fp32 and bf16 weights, aligned and general
+        for bits in fmt.BITS:
+            for dtype in ("fp32", "bf16"):
+                for aligned in (True, False):
+                    yield dict(dtype=dtype, aligned=aligned, bits=bits)
         return
-    for dtype in DTYPES:
-        for amsgrad in (False, True):
-            for stochastic in ((False,) if dtype == "fp32" else (False, True)):  # fp32 weights round exactly
-                for ema in (False, True):
-                    for aligned in (True, False):
-                        yield dict(dtype=dtype, amsgrad=amsgrad, stochastic=stochastic, ema=ema, aligned=aligned)
+    for bits in fmt.BITS:
+        for dtype in DTYPES:
+            for amsgrad in (False, True):
+                for stochastic in ((False,) if dtype == "fp32" else (False, True)):  # fp32 weights round exactly
+                    for ema in (False, True):
+                        for aligned in (True, False):
+                            yield dict(dtype=dtype, amsgrad=amsgrad, stochastic=stochastic, ema=ema, aligned=aligned, bits=bits)
 
 
 def sweep(target: str) -> list[dict]:
@@ -254,11 +261,11 @@ def main(argv=None):
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"{'target':7} {'dtype':5} {'variant':22} {'regs':>4} {'spill':>5} {'occ':>5} {'narrow':>6} {'B/param':>7}  loads/stores")
+    print(f"{'target':7} {'bits':4} {'dtype':5} {'variant':22} {'regs':>4} {'spill':>5} {'occ':>5} {'narrow':>6} {'B/param':>7}  loads/stores")
     for r in rows:
         flags = "+".join(k for k in ("amsgrad", "stochastic", "ema") if r[k]) or "default"
         occ = f"{r['occupancy']:.2f}" if "occupancy" in r else f"{r['waves_per_simd']}w"
-        print(f"{r['target']:7} {r['dtype']:5} {flags + (' aligned' if r['aligned'] else ' general'):22} {r['registers']:4d} "
+        print(f"{r['target']:7} {r['bits']:4d} {r['dtype']:5} {flags + (' aligned' if r['aligned'] else ' general'):22} {r['registers']:4d} "
               f"{r['spill_bytes']:5d} {occ:>5} {r['scalar_8_16_bit_global_ops']:6d} {r['bytes_per_param']:7.2f}  "
               + " ".join(f"{k}:{n}" for k, n in r["global_memory_ops"].items()))
     print("static figures (compiled, not run): no GPU timing is implied")

@@ -17,7 +17,7 @@ import torch
 from benchlib import save
 from lowbit_adamw.memory import OPTIMIZERS, make_optimizer
 
-NAMES = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit")
+NAMES = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit", "torchao_4bit", "lowbit_4bit")
 
 
 def gradients(rows, dim, steps, seed=0):
@@ -55,11 +55,12 @@ def main():
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--optimizers", default=",".join(NAMES), help="adamw first: the others are compared with it")
     ap.add_argument("--out")
     args = ap.parse_args()
     steps = 300 if args.quick else args.steps
     results, ref = [], None
-    for name in NAMES:
+    for name in args.optimizers.split(","):
         try:
             w, start, r = run(name, args.rows, args.dim, steps, args.lr)
         except ImportError as e:

@@ -165,6 +165,9 @@ def adamw8bit_kernel(
             ma_off = tl.multiple_of(ma_off, 4)
             va_off = tl.multiple_of(va_off, 4)
             numel = tl.multiple_of(numel, 16)
+        code_bytes = (numel + 1) // 2  # at 4 bits
+        if ALIGNED:
+            code_bytes = tl.multiple_of(code_bytes, 8)
         step_size = tl.load(step_row + 1).to(tl.int32).to(tl.float32, bitcast=True)
         inv_bc2_sqrt = tl.load(step_row + 2).to(tl.int32).to(tl.float32, bitcast=True)
 
@@ -173,7 +176,7 @@ def adamw8bit_kernel(
         idx = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         pidx = blocks[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]  # code bytes at 4 bits
         valid = idx < numel
-        pvalid = pidx * 2 < numel
+        pvalid = pidx < code_bytes
         mask = valid
         pmask = pvalid
         bmask = blocks * BLOCK < numel

@@ -22,6 +22,7 @@ CONFIGS = {
     "adamw": ("torch AdamW", "adamw", False),
     "lowbit_8bit": ("lowbit AdamW8bit", "lowbit_8bit", False),
     "lowbit_8bit_sib": ("lowbit AdamW8bit + step in backward", "lowbit_8bit", True),
+    "lowbit_4bit_sib": ("lowbit bits=4 + step in backward", "lowbit_4bit", True),
 }
 
 

@@ -48,7 +48,7 @@ OPTIMIZERS = {
     "lowbit_8bit_emb32": "lowbit AdamW8bit, fp32 state for embeddings",
     "lowbit_8bit_amsgrad": "lowbit AdamW8bit, amsgrad",
 }
-DEFAULT_OPTIMIZERS = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit")
+DEFAULT_OPTIMIZERS = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit", "torchao_4bit", "lowbit_4bit")
 
 # Common shapes, as HF config fields (public architecture facts). Any other model: a config.json path.
 MODEL_CONFIGS = {

@@ -22,8 +22,9 @@ def report(tmp_path_factory):
 
 
 def test_every_default_variant_compiles_for_every_target(report):
-    got = {(v["target"], v["dtype"], v["aligned"]) for v in report["variants"]}
-    assert got == {(t, d, a) for t in ("sm_80", "sm_90", "gfx90a", "gfx942") for d in ("fp32", "bf16") for a in (True, False)}
+    got = {(v["target"], v["bits"], v["dtype"], v["aligned"]) for v in report["variants"]}
+    assert got == {(t, b, d, a) for t in ("sm_80", "sm_90", "gfx90a", "gfx942") for b in (8, 4) for d in ("fp32", "bf16")
+                   for a in (True, False)}
     assert "not timings" in report["note"]
 
 
@@ -39,7 +40,9 @@ def test_aligned_variants_move_data_in_vectors_only_and_nothing_spills(report):
 
 
 def test_bytes_per_param_and_floors(report):
-    bf16 = next(v for v in report["variants"] if v["target"] == "sm_90" and v["dtype"] == "bf16" and v["aligned"])
+    bf16 = next(v for v in report["variants"] if v["target"] == "sm_90" and v["dtype"] == "bf16" and v["aligned"] and v["bits"] == 8)
+    bf16_4 = next(v for v in report["variants"] if v["target"] == "sm_90" and v["dtype"] == "bf16" and v["aligned"] and v["bits"] == 4)
+    assert bf16_4["bytes_per_param"] == pytest.approx(2 * 2 + 2 + 2 * (1 + 8 / 128))
     assert bf16["bytes_per_param"] == pytest.approx(2 * 2 + 2 + 2 * (2 + 8 / 256))
     h100 = bf16["floors"][0]
     assert h100["gpu"].startswith("H100") and h100["llama2_7b_step_ms"] == pytest.approx(6_738_415_616 * 10.0625 / 3.35e12 * 1e3)
