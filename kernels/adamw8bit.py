@@ -198,7 +198,8 @@ def adamw8bit_kernel(
         m = mq * tl.abs(mq) * tl.load(ma_base + ma_off + blocks, mask=bmask, other=0.0)[:, None]
         v = _decode_v(_load_codes(vc_base, vc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, 0),
                       tl.load(va_base + va_off + blocks, mask=bmask, other=0.0)[:, None], BITS)
-        v = tl.where(mask, v, 0.0)  # a 4-bit code of 0 decodes to absmax / 16: masked lanes must not count
+        if BITS != 8:  # a 4-bit code of 0 decodes to absmax / 16: masked lanes must not count (8 bits: 0 already)
+            v = tl.where(mask, v, 0.0)
 
         p_raw = tl.load(p_base + p_off + idx, mask=mask, other=0.0)
         p = p_raw.to(tl.float32)
@@ -219,7 +220,9 @@ def adamw8bit_kernel(
                 xa_off = tl.multiple_of(xa_off, 4)
             vmax = _decode_v(_load_codes(xc_base, xc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, 0),
                              tl.load(xa_base + xa_off + blocks, mask=bmask, other=0.0)[:, None], BITS)
-            vh = tl.maximum(tl.where(mask, vmax, 0.0), v)
+            if BITS != 8:
+                vmax = tl.where(mask, vmax, 0.0)
+            vh = tl.maximum(vmax, v)
         else:
             vh = v
         denom = tl.sqrt_rn(vh) * inv_bc2_sqrt + eps

@@ -45,8 +45,9 @@ def test_same_weights_and_state_as_the_plain_loop(dtype):
     assert_same_training(train(False, dtype), train(True, dtype))
 
 
-def test_options_that_work_per_tensor_give_the_same_bits():
-    kw = dict(clip_norm=0.5, ema_decay=0.9, amsgrad=True)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_options_that_work_per_tensor_give_the_same_bits(bits):
+    kw = dict(clip_norm=0.5, ema_decay=0.9, amsgrad=True, bits=bits)
     assert_same_training(train(False, opt_kw=kw), train(True, opt_kw=kw))
 
 
