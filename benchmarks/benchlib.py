@@ -42,5 +42,7 @@ def pyplot():
 def step_bytes_per_param(param_bytes: int, amsgrad=False, ema=False, block_size: int = 256, bits: int = 8) -> float:
     """Bytes one fused step moves per parameter: weight read+write, gradient read (weight dtype), codes
     (bits / 8 bytes) and scales of each moment read+write, and the fp32 EMA read+write."""
-    moments = 3 if amsgrad else 2
-    return 3 * param_bytes + moments * 2 * (bits / 8 + 4 / block_size) + (8 if ema else 0)
+    from lowbit_adamw.format import state_bytes_per_element
+
+    state = state_bytes_per_element(bits, block_size, moments=3 if amsgrad else 2)
+    return 3 * param_bytes + 2 * state + (8 if ema else 0)
