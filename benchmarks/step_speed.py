@@ -35,6 +35,7 @@ def candidates():
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
         "lowbit AdamW8bit": lambda ps: AdamW8bit(ps),  # auto: compiled on CPU, Triton on CUDA
         "lowbit AdamW8bit eager": lambda ps: AdamW8bit(ps, backend="torch"),
+        "lowbit bits=4": lambda ps: AdamW8bit(ps, bits=4),
     }
     try:
         import bitsandbytes as bnb
@@ -46,6 +47,9 @@ def candidates():
         from torchao.optim import AdamW8bit as AoAdamW8bit
 
         out["torchao AdamW8bit"] = lambda ps: AoAdamW8bit(ps)
+        from torchao.optim import AdamW4bit as AoAdamW4bit
+
+        out["torchao AdamW4bit"] = lambda ps: AoAdamW4bit(ps)
     except Exception:
         pass
     if torch.cuda.is_available():

@@ -119,10 +119,16 @@ COMPILED_CHUNK_ELEMENTS = 1 << 20  # elements per compiled call: large enough to
 RECOMPILE_LIMIT = 128
 
 
+def _unpacked(codes, bits: int):
+    """(rows, block * bits / 8) bytes -> (rows, block) codes, low nibble first at 4 bits."""
+    if bits == 8:
+        return codes
+    return torch.stack([codes & 15, codes >> 4], dim=2).view(codes.shape[0], -1)
+
+
 def _decode(codes, absmax, signed: bool, bits: int = 8):
     a = absmax.unsqueeze(1)
-    if bits != 8:  # (rows, block / 2) bytes -> (rows, block) codes, low nibble first
-        codes = torch.stack([codes & 15, codes >> 4], dim=2).view(codes.shape[0], -1)
+    codes = _unpacked(codes, bits)
     if signed:
         levels = fmt.m_levels(bits)
         y = (codes.float() - levels) * (1.0 / levels)
@@ -148,13 +154,15 @@ def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8):
         q = torch.where((x > 0) & (q == 0), torch.ones_like(q), q)
     else:
         q = torch.clamp(torch.floor(x * inv * float(fmt.V4_LEVELS) - 0.5), 0.0, fmt.V4_LEVELS - 1.0)
+    if ok is not None:
+        # Select in fp32, not on uint8: inductor's CPU code does not vectorize a uint8 `where`, and the
+        # whole fused loop then runs scalar (4x slower, measured).
+        q = torch.where(ok, q, _unpacked(codes, bits).float())
+        a = torch.where(ok[:, 0], a, absmax)
     q = q.to(torch.uint8)
     if bits != 8:
         pairs = q.view(q.shape[0], -1, 2)
         q = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
-    if ok is not None:
-        q = torch.where(ok, q, codes)
-        a = torch.where(ok[:, 0], a, absmax)
     codes.copy_(q)
     absmax.copy_(a)
 

@@ -175,9 +175,10 @@ def test_force_fp32_state_dequantizes_4bit_state():
     assert torch.equal(opt.state[p]["exp_avg"], m) and "exp_avg_codes" not in opt.state[p]
 
 
-def test_nonfinite_block_keeps_its_4bit_codes():
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_nonfinite_block_keeps_its_4bit_codes(backend):
     p = nn.Parameter(torch.randn(1000))
-    opt = AdamW8bit([p], bits=4, min_8bit_size=0, backend="torch")
+    opt = AdamW8bit([p], bits=4, min_8bit_size=0, backend=backend)
     p.grad = torch.randn_like(p)
     opt.step()
     before = {k: v.clone() for k, v in opt.state[p].items()}
