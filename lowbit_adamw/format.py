@@ -143,17 +143,18 @@ def state_bytes_per_element(bits: int, block_size: int, moments: int = 2) -> flo
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(n,) uint8 codes < 16 -> (ceil(n / 2),) bytes, element 2i in the low nibble."""
-    n = codes.numel()
-    if n % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    pairs = codes.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+    """uint8 codes < 16 -> bytes along the last dimension (``ceil(n / 2)`` of them), element 2i in the
+    low nibble; an odd last element gets a 0 high nibble. Any leading dimensions (rows of blocks) stay."""
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], 1)], dim=-1)
+    pairs = codes.unflatten(-1, (-1, 2))
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
-def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`: the first ``n`` codes."""
-    return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:n]
+def unpack_nibbles(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles` along the last dimension: the first ``n`` codes (all by default)."""
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+    return codes if n is None else codes[..., :n]
 
 
 def check_block_size(block_size) -> int:
@@ -274,12 +275,11 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block_size: int = DEFAULT_
     n = flat.numel()
     codes = torch.empty(codes_numel(n, bits), dtype=torch.uint8, device=x.device)
     absmax = torch.empty(num_blocks(n, block_size), dtype=torch.float32, device=x.device)
-    per_byte = 8 // bits
     for start in range(0, n, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, n)
         b0 = start // block_size
         chunk = flat[start:stop].to(torch.float32, copy=True)
-        encode_span(chunk, signed, block_size, codes[start // per_byte : codes_numel(stop, bits)],
+        encode_span(chunk, signed, block_size, codes[codes_numel(start, bits) : codes_numel(stop, bits)],
                     absmax[b0 : b0 + num_blocks(stop - start, block_size)], bits)
     return codes, absmax
 
@@ -298,10 +298,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool
             f"absmax has {absmax.numel()} blocks but {n} codes at block_size={block_size} need {num_blocks(n, block_size)}"
         )
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
-    per_byte = 8 // bits
     for start in range(0, n, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, n)
         b0 = start // block_size
-        decode_span(codes[start // per_byte : codes_numel(stop, bits)], absmax[b0 : b0 + num_blocks(stop - start, block_size)],
+        decode_span(codes[codes_numel(start, bits) : codes_numel(stop, bits)], absmax[b0 : b0 + num_blocks(stop - start, block_size)],
                     signed, block_size, out[start:stop], bits)
     return out

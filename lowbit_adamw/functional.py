@@ -119,16 +119,10 @@ COMPILED_CHUNK_ELEMENTS = 1 << 20  # elements per compiled call: large enough to
 RECOMPILE_LIMIT = 128
 
 
-def _unpacked(codes, bits: int):
-    """(rows, block * bits / 8) bytes -> (rows, block) codes, low nibble first at 4 bits."""
-    if bits == 8:
-        return codes
-    return torch.stack([codes & 15, codes >> 4], dim=2).view(codes.shape[0], -1)
-
-
 def _decode(codes, absmax, signed: bool, bits: int = 8):
     a = absmax.unsqueeze(1)
-    codes = _unpacked(codes, bits)
+    if bits != 8:
+        codes = fmt.unpack_nibbles(codes)
     if signed:
         levels = fmt.m_levels(bits)
         y = (codes.float() - levels) * (1.0 / levels)
@@ -156,13 +150,10 @@ def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8):
         q = torch.clamp(torch.floor(x * inv * float(fmt.V4_LEVELS) - 0.5), 0.0, fmt.V4_LEVELS - 1.0)
     if ok is not None:
         # Select in fp32, then cast once: the graph the 8-bit step's speed was measured with.
-        q = torch.where(ok, q, _unpacked(codes, bits).float())
+        q = torch.where(ok, q, (codes if bits == 8 else fmt.unpack_nibbles(codes)).float())
         a = torch.where(ok[:, 0], a, absmax)
     q = q.to(torch.uint8)
-    if bits != 8:
-        pairs = q.view(q.shape[0], -1, 2)
-        q = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
-    codes.copy_(q)
+    codes.copy_(q if bits == 8 else fmt.pack_nibbles(q))
     absmax.copy_(a)
 
 
@@ -239,13 +230,12 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
     names = state_names(sc.amsgrad)
     flat_p, flat_g = param.view(-1), grad.reshape(-1)
     fn = _compiled_block_step()
-    per_byte = 8 // bits
     for start in range(0, nfull, COMPILED_CHUNK_ELEMENTS):
         stop = min(start + COMPILED_CHUNK_ELEMENTS, nfull)
         rows = (stop - start) // block_size
         b0, b1 = start // block_size, stop // block_size
         tensors = (flat_p[start:stop].view(rows, block_size), flat_g[start:stop].view(rows, block_size),
-                   [state[nm + "_codes"][start // per_byte : stop // per_byte].view(rows, block_size // per_byte) for nm in names],
+                   [state[nm + "_codes"][fmt.codes_numel(start, bits) : fmt.codes_numel(stop, bits)].view(rows, -1) for nm in names],
                    [state[nm + "_absmax"][b0:b1] for nm in names])
         ema = None if ema_mom is None else state["ema"].view(-1)[start:stop].view(rows, block_size)
         # The row count varies from tensor to tensor, the block size does not: one graph per block size.
@@ -295,7 +285,6 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
     first = 0
     if compiled and compiled_available() and not (sc.stochastic_rounding and param.dtype != torch.float32):
         first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks, bits)
-    per_byte = 8 // bits
     for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
@@ -313,7 +302,7 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
                 ok_blocks = None
         moments = []
         for name in names:
-            codes = state[name + "_codes"][start // per_byte : fmt.codes_numel(stop, bits)]
+            codes = state[name + "_codes"][fmt.codes_numel(start, bits) : fmt.codes_numel(stop, bits)]
             absmax = state[name + "_absmax"][b0:b1]
             buf = torch.empty(stop - start, dtype=torch.float32, device=param.device)
             moments.append((name, codes, absmax, fmt.decode_span(codes, absmax, fmt.is_signed(name), block_size, buf, bits)))
@@ -335,7 +324,7 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
                 continue
             new_codes, new_absmax = torch.empty_like(codes), torch.empty_like(absmax)
             fmt.encode_span(buf, fmt.is_signed(name), block_size, new_codes, new_absmax, bits)
-            codes.copy_(torch.where(ok[::per_byte], new_codes, codes))  # a byte never spans two blocks
+            codes.copy_(torch.where(ok[:: 8 // bits], new_codes, codes))  # a byte never spans two blocks
             absmax.copy_(torch.where(ok_blocks, new_absmax, absmax))
 
 
