@@ -9,6 +9,14 @@ import sys
 import torch
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     for mod in ("bitsandbytes", "torchao", "triton", "flashoptim"):
@@ -19,6 +27,7 @@ def machine() -> dict:
     cuda = torch.cuda.is_available()
     return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
                 cpu_isa=torch.backends.cpu.get_cpu_capability(),  # the ATen code path the CPU numbers came from
+                cpu_model=_cpu_model(),
                 threads=torch.get_num_threads(), versions=versions, date=datetime.date.today().isoformat(),
                 command="python " + " ".join(sys.argv))
 

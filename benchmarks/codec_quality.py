@@ -7,16 +7,16 @@ gradients (teacher forcing: no trajectory divergence), requantizing after each s
 AdamW update direction m_hat / (sqrt(v_hat) + eps) with fp32's: relative L2 error, mean over steps.
 
 Candidates, at 8 bits (blocks of 256) and at 4 bits (blocks of 128 unless named):
-* ``lowbit``: the shipped codec (``lowbit_adamw.format``) at that width: m = sign(y) y^2 (square-root
-  companding) on 127 or 7 levels a side; v = y^4 on 255 levels with a zero-point guard at 8 bits, the
-  zero-free linear map (c + 1) / 16 at 4 bits;
+* ``lowbit``: the shipped codec (``lowbit_adamw.format``) at that width. 8 bits: m = sign(y) y^2
+  (square-root companding) on 127 levels a side, v = y^4 on 255 levels with a zero-point guard. 4 bits:
+  m on the 16-level dynamic-exponent map, v on the zero-free linear map (c + 1) / 16;
+* the format-v2 4-bit m map (square-root companding on 7 levels a side);
 * other companding powers, and bitsandbytes' dynamic (tree) maps with nearest-entry search;
 * ``+ stochastic v``: v rounded up or down between its two neighbouring levels with the probability
   that makes the decoded value unbiased (a small change of v survives on average instead of being
   rounded away: the "v stagnation" of deterministic rounding);
-* the 4-bit optimizer paper's choices (Li et al. 2023, as torchao's AdamW4bit ships them): m on a 4-bit
-  dynamic-exponent map, v on the zero-free linear map {1/16, ..., 1}, and v with rank-1 normalization
-  (each element scaled by min(its row's max, its column's max) instead of a block scale; 2-D tensors).
+* the 4-bit optimizer paper's (Li et al. 2023) rank-1 normalization of v: each element scaled by
+  min(its row's max, its column's max) instead of a block scale (2-D tensors).
 """
 from __future__ import annotations
 
@@ -95,27 +95,6 @@ def lowbit(bits, block):
     return q
 
 
-def _dynamic_map(signed, max_exp_bits, total_bits):
-    """The dynamic-exponent map of the 8-bit optimizers paper, at any width (as bitsandbytes/torchao build it)."""
-    data = []
-    non_sign = total_bits - 1
-    extra = 2 ** (non_sign - max_exp_bits) - 1
-    for i in range(max_exp_bits):
-        n = int(2 ** (i + non_sign - max_exp_bits) + 1 if signed else 2 ** (i + non_sign - max_exp_bits + 1) + 1)
-        b = torch.linspace(0.1, 1, n)
-        means = ((b[:-1] + b[1:]) / 2 * 10 ** (-(max_exp_bits - 1) + i)).tolist()
-        data += means + ([-x for x in means] if signed else [])
-    if extra > 0:
-        b = torch.linspace(0.1, 1, extra + 1)
-        means = ((b[:-1] + b[1:]) / 2 * 10 ** (-(max_exp_bits - 1) + i)).tolist()
-        data += means + ([-x for x in means] if signed else [])
-    data += [0.0, 1.0]
-    if signed:
-        data.append(-1.0)
-    data = sorted(set(data))
-    return torch.tensor(data)
-
-
 LOWBIT8 = "8-bit lowbit (m sqrt, v 4th root)"
 BNB8 = "8-bit bnb dynamic maps"
 
@@ -128,16 +107,15 @@ def codecs():
         "8-bit power m^3 / v^6": power_codec(8, 3, 6, 256),
         "8-bit power m^3 / v^6 + stochastic v": power_codec(8, 3, 6, 256, stochastic_v=True),
         "8-bit linear m / v^2": power_codec(8, 1, 2, 256),
-        "4-bit lowbit v2 (m sqrt, v zero-free linear) B128": lowbit(4, 128),
-        "4-bit lowbit v2 B256": lowbit(4, 256),
-        "4-bit lowbit v2 B64 (1.125 B/param)": lowbit(4, 64),
-        "4-bit lowbit v2 + stochastic v B128": table_codec(_sqrt_table(4), zero_free16, 128, 128, stochastic_v=True),
+        "4-bit lowbit (m dynamic exponent, v zero-free linear) B128": lowbit(4, 128),
+        "4-bit lowbit B256": lowbit(4, 256),
+        "4-bit lowbit B64 (1.125 B/param)": lowbit(4, 64),
+        "4-bit lowbit + stochastic v B128": table_codec(_m4_table(), zero_free16, 128, 128, stochastic_v=True),
+        "4-bit m DE, v zero-free linear rank-1 (paper)": table_codec(_m4_table(), zero_free16, 128, 128, rank1=True),
+        "4-bit m sqrt, v zero-free linear B128 (format v2)": table_codec(_sqrt_table(4), zero_free16, 128, 128),
         "4-bit m sqrt, v zero-free linear rank-1": table_codec(_sqrt_table(4), zero_free16, 128, 128, rank1=True),
         "4-bit m sqrt, v 4th root B128": power_codec(4, 2, 4, 128),
-        "4-bit m sqrt, v 4th root rank-1": power_codec(4, 2, 4, 128, rank1=True),
         "4-bit power m^3 / v^6 B128": power_codec(4, 3, 6, 128),
-        "4-bit m DE, v zero-free linear B128 (torchao)": table_codec(_dynamic_map(True, 3, 4), zero_free16, 128, 128),
-        "4-bit m DE, v zero-free linear rank-1 (paper)": table_codec(_dynamic_map(True, 3, 4), zero_free16, 128, 128, rank1=True),
     }
     try:
         import bitsandbytes.functional as bf
@@ -148,8 +126,15 @@ def codecs():
     return out
 
 
+def _m4_table():
+    return torch.tensor(fmt.M4_LEVELS)
+
+
 def _sqrt_table(bits):
-    return fmt.code_map("exp_avg", bits)[: 2 * fmt.m_levels(bits) + 1]
+    """Square-root companded m levels: sign(q) (q / L)**2, q in -L..L."""
+    levels = 2 ** (bits - 1) - 1
+    q = torch.arange(-levels, levels + 1, dtype=torch.float64)
+    return (torch.sign(q) * (q / levels) ** 2).float()
 
 
 def update_error(steps: int, seed: int = 0) -> dict[str, float]:

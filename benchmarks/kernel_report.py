@@ -76,7 +76,7 @@ def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, em
     # At launch Triton marks pointer arguments 16-byte aligned when they are; torch's allocations always are.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if types.get(n, "").startswith("*")}
     constexprs = variant_constexprs(200, fmt.default_block_size(bits), bpp, amsgrad, False, stochastic, False, ema, True, aligned,
-                                    bits)
+                                    bits, (fmt.M4_LEVELS, fmt.M4_BOUNDS))
     src = ASTSource(adamw8bit_kernel, signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=dict(num_warps=warps, enable_fp_fusion=False))
     return kernel, bpp, warps

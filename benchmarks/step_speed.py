@@ -33,10 +33,12 @@ def candidates():
     out = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
-        "lowbit AdamW8bit": lambda ps: AdamW8bit(ps),  # auto: compiled on CPU, Triton on CUDA
+        "lowbit AdamW8bit": lambda ps: AdamW8bit(ps),  # auto: the C++ step on CPU, Triton on CUDA
         "lowbit AdamW8bit eager": lambda ps: AdamW8bit(ps, backend="torch"),
         "lowbit bits=4": lambda ps: AdamW8bit(ps, bits=4),
     }
+    if not torch.cuda.is_available():
+        out["lowbit AdamW8bit torch.compile"] = lambda ps: AdamW8bit(ps, backend="compiled")
     try:
         import bitsandbytes as bnb
 

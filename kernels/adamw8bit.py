@@ -95,6 +95,31 @@ def _store_codes(base, off, idx, pidx, mask, valid, pmask, codes, BPP: tl.conste
 
 
 @triton.jit
+def _decode_m(code, a, BITS: tl.constexpr, M4_LEVELS: tl.constexpr):
+    if BITS == 8:
+        q = (code - 127.0) * (1.0 / 127.0)
+        return q * tl.abs(q) * a
+    else:  # a 16-entry table, as selects on the code: no memory, and the same constants as the host's
+        y = tl.zeros_like(code)
+        for i in tl.static_range(len(M4_LEVELS)):
+            y = tl.where(code == i, M4_LEVELS[i], y)
+        return y * a
+
+
+@triton.jit
+def _encode_m(m, inv, BITS: tl.constexpr, M4_BOUNDS: tl.constexpr):
+    s = m * inv
+    if BITS == 8:
+        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)
+        return tl.where(s < 0, -q, q) + 127.0
+    else:  # nearest level, ties upward: the number of midpoints at or below s
+        q = tl.zeros_like(s)
+        for i in tl.static_range(len(M4_BOUNDS)):
+            q += (s >= M4_BOUNDS[i]).to(tl.float32)
+        return q
+
+
+@triton.jit
 def _decode_v(code, a, BITS: tl.constexpr):
     if BITS == 8:
         y = code * (1.0 / 255.0)
@@ -137,9 +162,10 @@ def adamw8bit_kernel(
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value, seed,
     BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, EMA: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr, BITS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr, BITS: tl.constexpr, M4_LEVELS: tl.constexpr,
+    M4_BOUNDS: tl.constexpr,
 ):
-    ML: tl.constexpr = 127.0 if BITS == 8 else 7.0  # m levels each side of zero, and m's code of zero
+    MZ: tl.constexpr = 127.0 if BITS == 8 else 7.0  # m's code of zero
     pid = tl.program_id(0)
     t = _find_tensor(prog_start, pid, num_tensors, SEARCH_STEPS)
     step_row = step_table + t * STEP_COLS
@@ -193,9 +219,9 @@ def adamw8bit_kernel(
             mask = mask & good[:, None]
             pmask = pmask & good[:, None]
 
-        # decode (lowbit_adamw.format): m = sign(q) (q/L)^2 absmax; v = (c/255)^4 absmax or (c+1)/16 absmax
-        mq = (_load_codes(mc_base, mc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, ML) - ML) * (1.0 / ML)
-        m = mq * tl.abs(mq) * tl.load(ma_base + ma_off + blocks, mask=bmask, other=0.0)[:, None]
+        # decode (lowbit_adamw.format): m = sign(q) (q/127)^2 absmax or M4_LEVELS[c] absmax; v = (c/255)^4 absmax or (c+1)/16 absmax
+        m = _decode_m(_load_codes(mc_base, mc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, MZ),
+                      tl.load(ma_base + ma_off + blocks, mask=bmask, other=0.0)[:, None], BITS, M4_LEVELS)
         v = _decode_v(_load_codes(vc_base, vc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, 0),
                       tl.load(va_base + va_off + blocks, mask=bmask, other=0.0)[:, None], BITS)
         if BITS != 8:  # a 4-bit code of 0 decodes to absmax / 16: masked lanes must not count (8 bits: 0 already)
@@ -242,12 +268,10 @@ def adamw8bit_kernel(
             ema = tl.load(e_base + e_off + idx, mask=mask, other=0.0)
             tl.store(e_base + e_off + idx, ema * mom + out.to(tl.float32) * one_minus_mom, mask=mask)
 
-        # encode m (signed, square-root companding)
+        # encode m (8 bits: square-root companding; 4 bits: nearest of the table's levels)
         am = tl.max(tl.abs(m), axis=1)
-        s = m * _safe_inverse(am)[:, None]
-        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * ML + 0.5)
-        q = tl.where(s < 0, -q, q) + ML
-        _store_codes(mc_base, mc_off, idx, pidx, mask, valid, pmask, q, BPP, BLOCK, BITS)
+        _store_codes(mc_base, mc_off, idx, pidx, mask, valid, pmask, _encode_m(m, _safe_inverse(am)[:, None], BITS, M4_BOUNDS),
+                     BPP, BLOCK, BITS)
         tl.store(ma_base + ma_off + blocks, am, mask=bmask)
 
         # encode v (8 bits: fourth-root companding, zero-point guard; 4 bits: zero-free linear)
@@ -265,7 +289,7 @@ def adamw8bit_kernel(
 def launch_adamw8bit(
     bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars, bad_blocks,
     *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed, clip_value=float("inf"), ema=False,
-    skip_nonfinite=True, aligned=False, num_warps=4, bits=8,
+    skip_nonfinite=True, aligned=False, num_warps=4, bits=8, m4_table=((), ()),
 ):
     """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 9 base tensors
     (p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax, ema); ``scalars`` is
@@ -273,24 +297,26 @@ def launch_adamw8bit(
     recompiles the kernel). ``clip_value`` clamps each (scaled) gradient element; inf turns it off.
     ``bad_blocks`` (int32, one slot per tensor, see the table's slot column) receives the count of
     blocks skipped for a non-finite gradient. ``aligned`` selects the vectorized variant: only for
-    tensors that satisfy its alignment facts (see the kernel)."""
+    tensors that satisfy its alignment facts (see the kernel). ``m4_table`` is (levels, bounds) of the
+    4-bit m map (``lowbit_adamw.format.M4_LEVELS`` / ``M4_BOUNDS``), compiled in as constants."""
     if num_programs == 0:
         return
     adamw8bit_kernel[(num_programs,)](
         *bases, tensor_table, step_table, prog_start, num_tensors, bad_blocks, *scalars,
         clip_value if clip_value != float("inf") else 0.0, seed,
         **variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic,
-                             clip_value != float("inf"), ema, skip_nonfinite, aligned, bits),
+                             clip_value != float("inf"), ema, skip_nonfinite, aligned, bits, m4_table),
         num_warps=num_warps,
         enable_fp_fusion=False,  # the spec's arithmetic: every multiply and add rounded on its own
     )
 
 
 def variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic, clip, ema,
-                       skip_nonfinite, aligned, bits=8) -> dict:
+                       skip_nonfinite, aligned, bits=8, m4_table=((), ())) -> dict:
     """The compile-time arguments of one kernel variant (shared with the ahead-of-time kernel report)."""
     return dict(
         BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=max(1, int(num_tensors).bit_length()),
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic), CLIP=bool(clip), EMA=bool(ema),
         SKIP_NONFINITE=bool(skip_nonfinite), ALIGNED=bool(aligned), BITS=int(bits),
+        M4_LEVELS=tuple(m4_table[0]), M4_BOUNDS=tuple(m4_table[1]),
     )

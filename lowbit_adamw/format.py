@@ -1,4 +1,4 @@
-"""The lowbit-adamw state format, version 2. This docstring is the spec; the Triton kernel
+"""The lowbit-adamw state format, version 3. This docstring is the spec; the Triton kernel
 (``lowbit_adamw.kernels``) and the PyTorch functions below both implement exactly this.
 
 Layout
@@ -17,14 +17,25 @@ quantized moment buffer has a width of ``bits`` (8 or 4, per param group):
 So a parameter with both moments quantized holds ``2 * (bits / 8 + 4 / block_size)`` bytes of state
 per element: 2.03125 at 8 bits and blocks of 256, 1.0625 at 4 bits and blocks of 128.
 
-Code maps (closed-form, no table search)
-----------------------------------------
-``exp_avg`` (m, signed, square-root companding), with ``L = 2**(bits-1) - 1`` (127 or 7) and
-``s = m / absmax`` in [-1, 1]::
+Code maps
+---------
+``exp_avg`` (m, signed) at 8 bits: square-root companding, with ``L = 127`` and ``s = m / absmax`` in
+[-1, 1]::
 
     q    = sign(s) * floor(sqrt(|s|) * L + 0.5)            # q in [-L, L]
     code = q + L                                            # L is exact zero
     m    = sign(q) * (q / L)**2 * absmax                    # decode
+
+At 4 bits, the 16 levels of the dynamic-exponent map (Dettmers 2016) with 3 exponent bits,
+``M4_LEVELS``: -0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0, 0.0055, 0.0325, 0.0775,
+0.2125, 0.4375, 0.6625, 0.8875, 1 (each rounded to fp32; code 7 is zero). Decoding is a table lookup;
+encoding is to the nearest level in the value domain, ties upward::
+
+    code = number of i in 0..14 with M4_BOUNDS[i] <= s     # M4_BOUNDS[i] = fp32((level i + level i+1) / 2)
+    m    = M4_LEVELS[code] * absmax                         # decode
+
+(A block whose largest |m| is negative stores it as -0.8875 of itself: the map is the published one,
+and the only asymmetric level.)
 
 ``exp_avg_sq`` and ``max_exp_avg_sq`` (v, unsigned), with ``s = v / absmax`` in [0, 1]. At 8 bits,
 fourth-root companding with a zero-point guard::
@@ -38,14 +49,15 @@ At 4 bits, the zero-free linear map of Li et al. (2023), levels 1/16 .. 16/16::
     code = min(max(floor(s * 16 - 0.5), 0), 15)             # code in [0, 15]
     v    = (code + 1) / 16 * absmax                          # decode
 
-Rounding is to the nearest level in the companded domain (8-bit v) or the value domain (4-bit v),
-ties upward. ``code_map(name, bits)`` lists the decoded levels (code ``2L + 1`` of the m map is never
+Rounding is to the nearest level in the companded domain (8-bit m and v) or the value domain (4-bit m
+and v), ties upward. ``code_map(name, bits)`` lists the decoded levels (code 255 of the 8-bit m map is never
 written; it decodes like the formula).
 
 Rules
 -----
-* A block whose absmax is 0 stores the code of zero (``L`` for m, 0 for v) and decodes to zeros.
-* The sign of a nonzero m is never flipped (the sign is applied after rounding the magnitude).
+* A block whose absmax is 0 stores the code of zero (127 or 7 for m, 0 for v) and decodes to zeros.
+* The sign of a nonzero m is never flipped (8 bits: the sign is applied after rounding the magnitude;
+  4 bits: the bounds either side of zero are +-0.00275, so a small m rounds to 0, never across).
 * A positive v never decodes to 0: the smallest level of a block is (1/255)**4 * absmax at 8 bits and
   absmax / 16 at 4 bits (where a zero v in a block with a nonzero scale also decodes to absmax / 16).
   Without this the update of a weight whose v rounded to zero becomes m / eps, 10^3..10^6 times too
@@ -53,14 +65,18 @@ Rules
 * Quantization happens after the update: the step works on the decoded fp32 values, then the new
   block absmax is taken from the updated values and they are encoded against it.
 
-Why these maps: measured against alternatives on real gradients of a small LM
-(``benchmarks/codec_quality.py``, update error against fp32 AdamW). At 8 bits square-root/fourth-root
-companding gives two thirds of the error of bitsandbytes' dynamic (tree) maps, and encoding is a couple
-of square roots instead of a search over 256 entries. At 4 bits v's resolution near the block maximum
-matters most: the zero-free linear map beats fourth-root companding (0.47 against 0.55) and the
-dynamic-exponent m map of torchao's AdamW4bit loses to square-root companding (0.50 against 0.47);
-rank-1 normalization of v gains 10% (0.42) but needs every row of a tensor before any can be encoded (a second
-pass, and an all-reduce under FSDP2), so blocks are kept.
+Why these maps: measured against alternatives (``benchmarks/codec_quality.py``: update error against
+fp32 AdamW on real gradients of a small LM; ``benchmarks/convergence.py``: held-out loss after training).
+At 8 bits square-root/fourth-root companding gives two thirds of the update error of bitsandbytes'
+dynamic (tree) maps, and encoding is a couple of square roots instead of a search over 256 entries. At 4
+bits v's resolution near the block maximum matters most: the zero-free linear map beats fourth-root
+companding. For the 4-bit m map the two measures disagree: square-root companding (format v2) has the
+smaller update error, but in training it ended 2.6% / 3.4% above fp32 AdamW's held-out loss (lr 1e-3 /
+3e-3, 3 seeds) where the dynamic-exponent map ends within 2%; the finer levels near zero (0.0055 of the
+block maximum, against 0.02) are what keep small m from being rounded to 0. A symmetric variant and a
+scale that fits the negative extreme both trained worse. Rank-1 normalization of v gains 10% in update
+error but needs every row of a tensor before any can be encoded (a second pass, and an all-reduce under
+FSDP2), so blocks are kept.
 
 State dict
 ----------
@@ -70,7 +86,9 @@ Per parameter: ``step`` (float32 0-d tensor on the CPU, as torch), and either th
 (/ ``max_exp_avg_sq``) for parameters kept in fp32 state. The optimizer's state dict carries
 ``{"lowbit_adamw": {"format_version": FORMAT_VERSION, ...}}`` at top level and ``block_size`` and ``bits``
 in every param group. Version 1 (8 bits only, no ``bits`` key) loads as ``bits=8``: its bytes are the
-same. A state dict of another version, block size or width is refused.
+same. Version 2 differs only in the 4-bit m map (square-root companding on 7 levels a side); its 4-bit
+m codes are decoded with that map and re-encoded with this one on load (``m4_codes_from_v2``: one
+extra rounding of m). A state dict of another version, block size or width is refused.
 """
 from __future__ import annotations
 
@@ -81,15 +99,15 @@ def is_signed(name: str) -> bool:
     """exp_avg is signed; exp_avg_sq and max_exp_avg_sq are not."""
     return name == "exp_avg"
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 is version 2 at 8 bits
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1 is 3 at 8 bits; 2 is 3 but for the 4-bit m map (m4_codes_from_v2)
 BITS = (8, 4)
 DEFAULT_BLOCK_SIZE = 256  # at 8 bits
 DEFAULT_BLOCK_SIZE_4BIT = 128  # 1.0625 B/param; 256 has 1.5x the update error, 64 costs 1.125 B/param
 MIN_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 4096
 
-M_LEVELS = 127  # signed levels each side of zero, at 8 bits (m_levels(bits) in general)
+M_LEVELS = 127  # signed levels each side of zero of the 8-bit m map
 V_LEVELS = 255
 M_ZERO_CODE = 127
 V_ZERO_CODE = 0  # at every width
@@ -103,17 +121,46 @@ CHUNK_ELEMENTS = 1 << 18
 QUANTIZED_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def m_levels(bits: int) -> int:
-    """Levels each side of zero of the m map; also m's code of zero."""
+def m_zero_code(bits: int) -> int:
+    """m's code of zero: 127 at 8 bits, 7 at 4 bits."""
     return 2 ** (bits - 1) - 1
+
+
+def _fp32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float64).float().item()
+
+
+def dynamic_exponent_levels(bits: int, exponent_bits: int) -> tuple[float, ...]:
+    """The signed dynamic-exponent map (Dettmers 2016, "8-Bit Approximations for Parallelism in Deep
+    Learning") at ``bits`` bits, sorted, as fp32 values. Exponent ``e`` (0 .. exponent_bits-1) spans
+    [0.1, 1] * 10**(e - exponent_bits + 1) with 2**(e + bits - 1 - exponent_bits) linear steps, each
+    level the middle of its step, both signs; then 0 and +1."""
+    mags = []
+    for e in range(exponent_bits):
+        steps = 2 ** (e + bits - 1 - exponent_bits)
+        edges = [0.1 + 0.9 * i / steps for i in range(steps + 1)]
+        mags += [10.0 ** (e - exponent_bits + 1) * (lo + hi) / 2 for lo, hi in zip(edges, edges[1:])]
+    extra = 2 ** (bits - 1 - exponent_bits) - 1  # unused exponent patterns, as linear steps of the top decade
+    if extra:
+        edges = [0.1 + 0.9 * i / extra for i in range(extra + 1)]
+        mags += [(lo + hi) / 2 for lo, hi in zip(edges, edges[1:])]
+    levels = sorted([-m for m in mags] + [0.0] + mags + [1.0])
+    assert len(levels) == 2**bits
+    return tuple(_fp32(x) for x in levels)
+
+
+M4_LEVELS = dynamic_exponent_levels(4, 3)  # 4-bit m: code -> level (times absmax); code 7 is zero
+M4_BOUNDS = tuple(_fp32((a + b) / 2) for a, b in zip(M4_LEVELS, M4_LEVELS[1:]))  # code = #(bounds <= s)
 
 
 def code_map(name: str, bits: int = 8) -> torch.Tensor:
     """The 2**bits decoded values (times absmax) of a moment's codes."""
     codes = torch.arange(2**bits, dtype=torch.float64)
+    if is_signed(name) and bits == 4:
+        return torch.tensor(M4_LEVELS, dtype=torch.float32)
     if is_signed(name):
-        q = codes - m_levels(bits)
-        return (torch.sign(q) * (q / m_levels(bits)) ** 2).float()
+        q = codes - M_LEVELS
+        return (torch.sign(q) * (q / M_LEVELS) ** 2).float()
     if bits == 8:
         return ((codes / V_LEVELS) ** 4).float()
     return ((codes + 1) / V4_LEVELS).float()
@@ -185,6 +232,26 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def m4_encode(s: torch.Tensor) -> torch.Tensor:
+    """4-bit m codes (as fp32) of s = m / absmax: the number of ``M4_BOUNDS`` at or below s. A plain
+    count of comparisons, the same in every backend (a NaN counts none)."""
+    q = torch.zeros_like(s)
+    for b in M4_BOUNDS:
+        q += s >= b
+    return q
+
+
+_m4_tables: dict = {}
+
+
+def m4_table(device) -> torch.Tensor:
+    """``M4_LEVELS`` as an fp32 tensor on ``device`` (cached)."""
+    key = str(device)
+    if key not in _m4_tables:
+        _m4_tables[key] = torch.tensor(M4_LEVELS, dtype=torch.float32, device=device)
+    return _m4_tables[key]
+
+
 # ---- encode / decode of one contiguous span that starts on a block boundary --------------------
 # x is a 1-d fp32 tensor; blocks are consecutive runs of block_size (last may be short).
 
@@ -204,11 +271,12 @@ def _encode_rows(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: tor
     absmax.copy_(a)
     # 1/0 for empty blocks gives inf; 0 * inf would be NaN, so use 0 as the inverse there.
     inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
-    if signed:
-        levels = m_levels(bits)
+    if signed and bits == 4:
+        q = m4_encode(x.mul_(inv))
+    elif signed:
         s = x.mul(inv)
-        q = sqrt_rn(s.abs()).mul_(levels).add_(0.5).floor_()
-        q.copysign_(s).add_(levels)
+        q = sqrt_rn(s.abs()).mul_(M_LEVELS).add_(0.5).floor_()
+        q.copysign_(s).add_(M_LEVELS)
     elif bits == 8:
         pos = x > 0
         q = sqrt_rn(sqrt_rn(x.mul_(inv))).mul_(V_LEVELS).add_(0.5).floor_()
@@ -221,9 +289,10 @@ def _encode_rows(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: tor
 def _decode_rows(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, out: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """codes (rows, cols) uint8, one per element, absmax (rows,) -> out (rows, cols) fp32."""
     a = absmax.unsqueeze(1)
+    if signed and bits == 4:
+        return torch.index_select(m4_table(out.device), 0, codes.reshape(-1).long(), out=out.view(-1)).view(out.shape).mul_(a)
     if signed:
-        levels = m_levels(bits)
-        y = out.copy_(codes).sub_(levels).mul_(1.0 / levels)
+        y = out.copy_(codes).sub_(M_LEVELS).mul_(1.0 / M_LEVELS)
         return y.mul_(y.abs()).mul_(a)
     if bits == 8:
         y = out.copy_(codes).mul_(1.0 / V_LEVELS)
@@ -262,6 +331,14 @@ def decode_span(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, block_s
     if ct is not None:
         _decode_rows(ct, absmax[nfull : nfull + 1], signed, ot, bits)
     return out
+
+
+def m4_codes_from_v2(codes: torch.Tensor, absmax: torch.Tensor, numel: int, block_size: int):
+    """4-bit m codes and scales written by format version 2 (m = sign(q) (q / 7)**2 * absmax, code q + 7)
+    re-encoded with this version's map: (codes, absmax)."""
+    q = unpack_nibbles(codes.reshape(-1), numel).float() - 7.0
+    m = torch.sign(q) * (q / 7.0) ** 2 * absmax.reshape(-1).repeat_interleave(block_size)[:numel]
+    return quantize_blockwise(m, True, block_size, bits=4)
 
 
 # ---- whole tensors (conversions, tests): chunked, so memory stays bounded ----------------------

@@ -2,9 +2,11 @@
 
 ``adamw8bit_step`` takes a bucket of parameters (one device, one dtype) with their gradients and
 state dicts, and updates them in place. ``backend="torch"`` runs the chunked, vectorised PyTorch
-path below (eager; the test oracle); ``backend="compiled"`` runs the same math as one
+path below (eager; the test oracle); ``backend="cpp"`` runs every block of the bucket through one call
+of a small C++ library (``lowbit_adamw.cpu_kernel``: the fast CPU path, float32 and bfloat16 weights;
+other tensors go to the compiled path); ``backend="compiled"`` runs the same math as one
 ``torch.compile``d function over whole quantization blocks (inductor fuses decode, update and encode
-into one C++ loop nest: the fast CPU path), with the eager code for a tensor's last partial block;
+into one C++ loop nest), with the eager code for a tensor's last partial block;
 ``backend="triton"`` runs the fused Triton kernel (``lowbit_adamw.kernels``) for CUDA tensors, or
 on CPU tensors under ``TRITON_INTERPRET=1``.
 
@@ -123,9 +125,10 @@ def _decode(codes, absmax, signed: bool, bits: int = 8):
     a = absmax.unsqueeze(1)
     if bits != 8:
         codes = fmt.unpack_nibbles(codes)
+    if signed and bits != 8:
+        return fmt.m4_table(codes.device)[codes.long()] * a
     if signed:
-        levels = fmt.m_levels(bits)
-        y = (codes.float() - levels) * (1.0 / levels)
+        y = (codes.float() - fmt.M_LEVELS) * (1.0 / fmt.M_LEVELS)
         return y * y.abs() * a
     if bits != 8:
         return (codes.float() + 1.0) * (1.0 / fmt.V4_LEVELS) * a
@@ -138,11 +141,12 @@ def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8):
     """Encode rows of x into codes/absmax; rows where ``ok`` (rows, 1) is False keep their old bytes."""
     a = x.abs().amax(dim=1) if signed else x.amax(dim=1)
     inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
-    if signed:
-        levels = fmt.m_levels(bits)
+    if signed and bits != 8:
+        q = fmt.m4_encode(x * inv)
+    elif signed:
         s = x * inv
-        q = torch.floor(torch.sqrt(s.abs()) * levels + 0.5)
-        q = torch.copysign(q, s) + levels
+        q = torch.floor(torch.sqrt(s.abs()) * fmt.M_LEVELS + 0.5)
+        q = torch.copysign(q, s) + fmt.M_LEVELS
     elif bits == 8:
         q = torch.floor(torch.sqrt(torch.sqrt(x * inv)) * fmt.V_LEVELS + 0.5)
         q = torch.where((x > 0) & (q == 0), torch.ones_like(q), q)
@@ -376,6 +380,21 @@ def adamw8bit_step(
         for i, (p, g, s, mul, mom) in enumerate(zip(params, grads, states, muls, moms)):
             _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul, ema_mom=mom,
                              bad_blocks=None if bad_blocks is None else bad_blocks[i], bits=bits)
+    elif backend == "cpp":
+        from . import cpu_kernel
+
+        fast = [i for i, p in enumerate(params) if cpu_kernel.supports(p, scalars)] if cpu_kernel.available() else []
+        if fast:
+            sel = lambda xs: None if xs is None else [xs[i] for i in fast]  # noqa: E731
+            counts = cpu_kernel.cpu_step(sel(params), sel(grads), sel(states), scalars, block_size=block_size, bits=bits,
+                                         grad_muls=sel(grad_muls), ema_moms=sel(ema_moms))
+            if bad_blocks is not None and scalars.skip_nonfinite:
+                bad_blocks[fast] += counts.to(bad_blocks.dtype)
+        rest = sorted(set(range(len(params))) - set(fast))
+        moms = [None] * len(params) if ema_moms is None else ema_moms
+        for i in rest:  # other dtypes, stochastic rounding of 16-bit weights, no compiler: the compiled step
+            _torch_step_8bit(params[i], grads[i], states[i], scalars, block_size, generator, compiled=True, grad_mul=muls[i],
+                             ema_mom=moms[i], bad_blocks=None if bad_blocks is None else bad_blocks[i], bits=bits)
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
@@ -384,7 +403,7 @@ def adamw8bit_step(
             plan_cache=plan_cache, generator=generator, grad_muls=grad_muls, ema_moms=ema_moms, bad_blocks=bad_blocks, bits=bits,
         )
     else:
-        raise ValueError(f"backend must be 'torch', 'compiled' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be 'torch', 'compiled', 'cpp' or 'triton', got {backend!r}")
 
 
 def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None,

@@ -251,6 +251,7 @@ def triton_step_8bit(
                 block_size=block_size, blocks_per_program=bpp, amsgrad=sc.amsgrad, maximize=sc.maximize,
                 stochastic=sc.stochastic_rounding, seed=seed, clip_value=sc.clip_value, ema=ema_moms is not None,
                 skip_nonfinite=sc.skip_nonfinite, aligned=aligned, num_warps=warps, bits=bits,
+                m4_table=(fmt.M4_LEVELS, fmt.M4_BOUNDS),
             )
     for key in [k for k in cache if k not in live_keys]:  # old addresses are stale once anything moved
         del cache[key]

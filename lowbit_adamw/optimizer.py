@@ -16,7 +16,7 @@ from .functional import adamw8bit_step, fp32_state_step
 from .step_spec import NONFINITE_MODES as _NONFINITE
 from .step_spec import StepScalars, state_names
 
-_BACKENDS = ("auto", "torch", "compiled", "triton")
+_BACKENDS = ("auto", "torch", "compiled", "cpp", "triton")
 _VERSION_KEY = "lowbit_format_version"
 
 
@@ -48,9 +48,10 @@ class AdamW8bit(torch.optim.Optimizer):
         min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
         bias_correction: apply Adam's bias correction (MLX calls it ``bias_correction``; default True).
         stochastic_rounding: write 16-bit parameters with stochastic rounding (default False).
-        backend: ``"auto"`` (Triton for CUDA tensors when available; the torch.compile'd step on the
-            CPU when a C++ compiler is found; else eager PyTorch), ``"torch"`` (eager), ``"compiled"``
-            or ``"triton"``. Also settable with the environment variable ``LOWBIT_ADAMW_BACKEND``.
+        backend: ``"auto"`` (Triton for CUDA tensors when available; on the CPU the C++ step, built at
+            first use when a C++ compiler is found, else the torch.compile'd step, else eager PyTorch),
+            ``"torch"`` (eager), ``"compiled"``, ``"cpp"`` or ``"triton"``. Also settable with the
+            environment variable ``LOWBIT_ADAMW_BACKEND``.
         nonfinite: what a gradient with NaN/Inf does. ``"skip"`` (default): each quantization block
             whose gradient holds NaN/Inf keeps its parameter values and state exactly as they were
             (a tensor in fp32 state: the whole tensor), the rest updates, inside the step's own pass and
@@ -269,7 +270,7 @@ class AdamW8bit(torch.optim.Optimizer):
             block, bits = group["block_size"], group["bits"]
             for name in names:
                 # The code of zero; at 4 bits both nibbles of a byte hold it.
-                zero = fmt.m_levels(bits) * (1 if bits == 8 else 17) if fmt.is_signed(name) else fmt.V_ZERO_CODE
+                zero = fmt.m_zero_code(bits) * (1 if bits == 8 else 17) if fmt.is_signed(name) else fmt.V_ZERO_CODE
                 if sharding.is_dtensor(p):  # rows travel with their codes and scales, so DCP can reshard it (see sharding.py)
                     loc = sharding.local(p)
                     rows = loc.shape[0] if loc.dim() else 0
@@ -301,9 +302,10 @@ class AdamW8bit(torch.optim.Optimizer):
         if self.backend != "auto":
             return self.backend
         if device.type == "cpu":
+            from .cpu_kernel import available
             from .functional import compiled_available
 
-            return "compiled" if compiled_available() else "torch"
+            return "cpp" if available() else "compiled" if compiled_available() else "torch"
         if device.type == "cuda":
             from .kernel_launch import triton_available
 
@@ -638,7 +640,7 @@ class AdamW8bit(torch.optim.Optimizer):
             if pid not in id_map:
                 raise ValueError(f"state dict has state for parameter id {pid}, which no param group lists")
             p, label, block_size, bits = id_map[pid]
-            new_state[p] = self._load_param_state(p, saved_state, label, block_size, bits)
+            new_state[p] = self._load_param_state(p, saved_state, label, block_size, bits, meta["format_version"])
 
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
@@ -654,7 +656,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.param_groups = new_groups
 
     @staticmethod
-    def _load_param_state(p, saved: dict, label: str, block_size: int, bits: int = 8) -> dict:
+    def _load_param_state(p, saved: dict, label: str, block_size: int, bits: int = 8, version: int = fmt.FORMAT_VERSION) -> dict:
         out = {}
         for key, value in saved.items():
             if not isinstance(value, torch.Tensor):
@@ -675,6 +677,11 @@ class AdamW8bit(torch.optim.Optimizer):
                     f"{p.numel()} elements ({fmt.codes_numel(p.numel(), bits)} bytes of {bits}-bit codes, "
                     f"{fmt.num_blocks(p.numel(), block_size)} blocks of {block_size})"
                 )
+            if version == 2 and bits == 4 and name == "exp_avg":
+                if sharding.is_dtensor(codes) or sharding.is_dtensor(p):
+                    raise ValueError(f"{label}: 4-bit state saved by format version 2 (an older m map) can be converted "
+                                     "only unsharded: load it into an optimizer off the mesh, then save it again")
+                codes, absmax = fmt.m4_codes_from_v2(codes, absmax, p.numel(), block_size)
             if sharding.is_dtensor(p):
                 if not sharding.can_quantize(p, block_size):
                     raise ValueError(f"{label}: saved 8-bit {name}, but this sharded parameter's rows ({sharding.row_length(p)} "

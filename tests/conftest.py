@@ -12,12 +12,13 @@ import pytest  # noqa: E402
 # Tests whose result depends on how the CPU computes (ATen's and inductor's code paths for AVX-512,
 # AVX2 and the baseline): scripts/test.sh runs them again under each ATEN_CPU_CAPABILITY.
 NUMERICS = ("test_compiled_cpu.py", "test_kernel_interpret.py", "test_nonfinite.py", "test_options.py", "test_format.py",
-            "test_4bit.py")
+            "test_4bit.py", "test_cpu_kernel.py")
 # Tests of several seconds each (subprocesses, real training runs): `bash scripts/test.sh --quick` leaves them out.
 SLOW = ("test_distributed.py", "test_memory.py::test_estimate_matches_measured", "test_memory.py::test_cli_memory_subcommand",
         "test_integrations.py::test_trainer_resume", "test_integrations.py::test_recipes_run",
         "test_integrations.py::test_unmodified", "test_integrations.py::test_trainer_grad_accumulation",
         "test_benchmarks.py::test_codec_quality", "test_benchmarks.py::test_step_speed",
+        "test_benchmarks.py::test_first_step",
         "test_cli.py::test_gpu_kernel_check_script", "test_integrations.py::test_trainer_step_in_backward")
 
 

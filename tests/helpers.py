@@ -70,9 +70,8 @@ def oracle_moments(param, grad, state, sc, block_size, grad_mul=1.0, bits=8):
     return values
 
 
-def companded(x: torch.Tensor, signed: bool, block_size: int, bits: int = 8) -> torch.Tensor:
-    """The value the encoder floors (after + 0.5): sqrt(|x| / absmax) * L, (x / absmax)**(1/4) * 255 or,
-    for 4-bit v, x / absmax * 16 - 1."""
+def _block_ratio(x: torch.Tensor, signed: bool, block_size: int) -> torch.Tensor:
+    """x / block absmax (flat, like x), as the encoder computes it."""
     from lowbit_adamw import format as fmt
 
     n = x.numel()
@@ -80,14 +79,27 @@ def companded(x: torch.Tensor, signed: bool, block_size: int, bits: int = 8) -> 
     pad[:n] = x
     rows = pad.view(-1, block_size)
     a = rows.abs().amax(dim=1, keepdim=True) if signed else rows.amax(dim=1, keepdim=True)
-    s = rows * torch.where(a > 0, 1.0 / a, torch.zeros_like(a))
+    return (rows * torch.where(a > 0, 1.0 / a, torch.zeros_like(a))).reshape(-1)[:n]
+
+
+def near_boundary(x: torch.Tensor, signed: bool, block_size: int, bits: int = 8) -> torch.Tensor:
+    """Where the encoder's input is within BOUNDARY_ULPS fp32 ulps of a rounding boundary: the companded
+    value sqrt(|s|) * 127 or s**(1/4) * 255 or s * 16 - 1 (floored after + 0.5), or one of the 4-bit m
+    map's midpoints."""
+    from lowbit_adamw import format as fmt
+
+    s = _block_ratio(x, signed, block_size)
+    if signed and bits == 4:
+        bounds = torch.tensor(fmt.M4_BOUNDS)
+        return ((s[:, None] - bounds).abs() <= BOUNDARY_ULPS * ulp(bounds, torch.float32)).any(dim=1)
     if signed:
-        c = fmt.sqrt_rn(s.abs()) * fmt.m_levels(bits)
+        c = fmt.sqrt_rn(s.abs()) * fmt.M_LEVELS
     elif bits == 8:
         c = fmt.sqrt_rn(fmt.sqrt_rn(s)) * fmt.V_LEVELS
     else:
         c = s * fmt.V4_LEVELS - 1.0
-    return c.reshape(-1)[:n]
+    c = c + 0.5
+    return (c - c.round()).abs() <= BOUNDARY_ULPS * ulp(c, torch.float32)
 
 
 def codes_of(state, name, numel, bits=8):
@@ -99,8 +111,8 @@ def codes_of(state, name, numel, bits=8):
 
 
 def assert_codes_match(oracle_state, other_state, moments, block_size, where="", bits=8):
-    """Codes of ``other_state`` equal the oracle's except, by one, where the oracle's companded value is
-    within BOUNDARY_ULPS fp32 ulps of a rounding boundary; scales within 2 fp32 ulps."""
+    """Codes of ``other_state`` equal the oracle's except, by one, where the encoder's input is within
+    BOUNDARY_ULPS fp32 ulps of a rounding boundary (``near_boundary``); scales within 2 fp32 ulps."""
     from lowbit_adamw import format as fmt
 
     for name, x in moments.items():
@@ -110,8 +122,7 @@ def assert_codes_match(oracle_state, other_state, moments, block_size, where="",
                 assert state[name + "_codes"][-1] >> 4 == 0, f"{where}{name}: padding nibble"
         diff = (a - b).abs()
         if diff.any():
-            c = companded(x, fmt.is_signed(name), block_size, bits) + 0.5
-            near = (c - c.round()).abs() <= BOUNDARY_ULPS * ulp(c, torch.float32)
+            near = near_boundary(x, fmt.is_signed(name), block_size, bits)
             bad = (diff > 1) | ((diff == 1) & ~near)
             assert not bad.any(), f"{where}{name}: {int(bad.sum())} codes differ away from a rounding boundary, e.g. at {bad.nonzero()[:5].flatten().tolist()}"
         sa, sb = oracle_state[name + "_absmax"], other_state[name + "_absmax"]

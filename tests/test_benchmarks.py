@@ -47,7 +47,9 @@ def test_step_speed_writes_json_and_png(tmp_path):
     out = script("step_speed.py", "--set", "small", "--count", "5", "--numel", "5000", "--rounds", "1",
                  "--only", "fused,lowbit AdamW8bit", "--out", str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png"))
     data = json.load(open(tmp_path / "s.json"))
-    assert set(data["median_ms"]) == {"torch AdamW fused", "lowbit AdamW8bit", "lowbit AdamW8bit eager"}
+    assert set(data["median_ms"]) == {"torch AdamW fused", "lowbit AdamW8bit", "lowbit AdamW8bit eager",
+                                      "lowbit AdamW8bit torch.compile"}
+    assert data["cpu_isa"] and data["cpu_model"]  # the requirement: every result names the ISA
     assert data["tensors"] == 5 and data["ratio_to_torch_fused"]["torch AdamW fused"] == 1.0
     assert "device" in data and "versions" in data and "date" in data and "command" in data
     assert (tmp_path / "s.png").stat().st_size > 1000
@@ -61,4 +63,11 @@ def test_codec_quality_reports_ratio_to_bnb(tmp_path):
     err = data["update_error"]
     bnb = err["8-bit bnb dynamic maps"]
     assert data["update_error_vs_bnb"]["8-bit lowbit (m sqrt, v 4th root)"] == err["8-bit lowbit (m sqrt, v 4th root)"] / bnb
-    assert any(k.startswith("4-bit lowbit") for k in err) and any("torchao" in k for k in err)
+    assert any(k.startswith("4-bit lowbit (m dynamic exponent") for k in err) and any("format v2" in k for k in err)
+
+
+def test_first_step_times_cold_and_cached_builds(tmp_path):
+    script("first_step.py", "--runs", "torch-fused:8,cpp:8", "--out", str(tmp_path / "f.json"))
+    rows = json.load(open(tmp_path / "f.json"))["results"]
+    assert [(r["backend"], r["bits"]) for r in rows] == [("torch-fused", 8), ("cpp", 8)]
+    assert all(r[k] > 0 for r in rows for k in ("cold_first_step_s", "warm_first_step_s", "later_step_s"))

@@ -1,4 +1,5 @@
-"""The torch.compile'd CPU step (backend="compiled", the CPU default) against the eager PyTorch step
+"""The torch.compile'd CPU step (backend="compiled": the CPU default where the C++ step cannot be built, and
+the path for dtypes it does not take) against the eager PyTorch step
 it is compiled from: same spec, so codes agree except at rounding ties (one code apart) and
 parameters to within an ulp or two of fp32 reassociation."""
 import warnings
@@ -76,7 +77,10 @@ def test_compiled_and_eager_give_the_same_bits(dtype, bits):
         assert all(torch.equal(v, compiled.state[pc][k]) for k, v in eager.state[pe].items())
 
 
-def test_auto_backend_uses_the_compiled_step_on_cpu():
+def test_auto_backend_uses_the_compiled_step_on_cpu_without_the_cpp_step(monkeypatch):
+    from lowbit_adamw import cpu_kernel
+
+    monkeypatch.setitem(cpu_kernel._lib, "lib", None)
     opt = AdamW8bit([torch.nn.Parameter(torch.randn(8192))])
     assert opt._resolve_backend(torch.device("cpu")) == "compiled"
     assert AdamW8bit([torch.nn.Parameter(torch.randn(8))], backend="torch")._resolve_backend(torch.device("cpu")) == "torch"

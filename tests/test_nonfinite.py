@@ -11,7 +11,7 @@ from lowbit_adamw import AdamW8bit
 from lowbit_adamw.kernel_launch import triton_available
 
 N, BLOCK = 5000, 256  # 19 whole blocks and a short one
-BACKENDS = ["torch", "compiled"] + (["triton"] if triton_available() else [])
+BACKENDS = ["torch", "compiled", "cpp"] + (["triton"] if triton_available() else [])
 
 
 def run(backend, bad_at=(17, 4999), ema=False):
@@ -68,12 +68,13 @@ def test_every_backend_gives_the_same_bits_around_bad_blocks():
         assert all(torch.equal(v, opt.state[a][k]) for k, v in ref_opt.state[ref_a].items())
 
 
-def test_default_step_has_no_checking_pass(monkeypatch):
+@pytest.mark.parametrize("backend", ["compiled", "cpp"])
+def test_default_step_has_no_checking_pass(monkeypatch, backend):
     def forbidden(*a, **k):
         raise AssertionError("the default rule needs no separate pass over the gradients")
 
     monkeypatch.setattr(AdamW8bit, "_finite_mask", forbidden)
-    opt, a, *_ = run("compiled")
+    opt, a, *_ = run(backend)
     assert opt.nonfinite_skipped == {"parameter 'a'": 2}
 
 

@@ -1,0 +1,275 @@
+// The fused low-bit AdamW step for CPU tensors: decode -> AdamW -> encode, one pass per quantization
+// block, every tensor of a bucket in one call. Plain C++ (no torch headers, so it builds in a second or
+// two), loaded with ctypes by lowbit_adamw/cpu_kernel.py, which documents the arguments.
+//
+// The arithmetic is lowbit_adamw.step_spec's, operation for operation: IEEE multiply, add, divide and
+// square root, each rounded on its own (built with -ffp-contract=off, no -ffast-math), so the results
+// are the eager PyTorch path's to the bit. The state format is lowbit_adamw.format's (v3).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+constexpr int kMaxBlock = 4096;
+
+struct Consts {  // per call: the step's scalars (fp32, as the other backends use them)
+  float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip;
+  const float* m4_levels;  // 16
+  const float* m4_bounds;  // 15
+};
+
+struct Tensor {  // per tensor
+  void* p;
+  const void* g;
+  uint8_t* mc; float* ma;
+  uint8_t* vc; float* va;
+  uint8_t* xc; float* xa;
+  float* ema;
+  int64_t numel;
+  float step_size, inv_bc2_sqrt, grad_mul, ema_mom, one_minus_ema_mom;
+};
+
+inline float load_param(const float* p, int64_t i) { return p[i]; }
+inline float load_param(const uint16_t* p, int64_t i) {
+  uint32_t bits = uint32_t(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void store_param(float* p, int64_t i, float x) { p[i] = x; }
+inline void store_param(uint16_t* p, int64_t i, float x) {  // round to nearest even (NaN stays NaN)
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  p[i] = (x != x) ? uint16_t(0x7FC0) : uint16_t(rounded);  // NaN as torch writes it
+}
+inline float stored_value(const float*, float x) { return x; }
+inline float stored_value(const uint16_t*, float x) {
+  uint16_t h;
+  store_param(&h, 0, x);
+  return load_param(&h, 0);
+}
+
+inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a; }  // torch.amax propagates NaN
+
+// max over x[0..n) of |x| (ABS) or x, NaN propagating like torch.amax. Written with GCC/Clang vector
+// types: compilers do not vectorize a NaN-propagating max reduction written as a scalar loop. (A max is
+// the same in any order; x here is never -0.)
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;  // SSE2, NEON: wider vector types would be split piecewise
+#endif
+constexpr int kLanes = kVecBytes / 4;
+typedef float fvec __attribute__((vector_size(kVecBytes)));
+typedef int32_t ivec __attribute__((vector_size(kVecBytes)));
+
+template <bool ABS>
+inline float block_max(const float* x, int n) {
+  fvec acc = {};
+  ivec nan = {};
+  if (!ABS) acc = acc + x[0];
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    fvec y;
+    std::memcpy(&y, x + i, sizeof(y));
+    if (ABS) {
+      ivec bits;
+      std::memcpy(&bits, &y, sizeof(y));
+      bits &= 0x7FFFFFFF;
+      std::memcpy(&y, &bits, sizeof(y));
+    }
+    acc = y > acc ? y : acc;
+    nan |= y != y;
+  }
+  float a = acc[0];
+  int any_nan = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    a = acc[j] > a ? acc[j] : a;
+    any_nan |= nan[j];
+  }
+  for (; i < n; ++i) {
+    const float y = ABS ? std::fabs(x[i]) : x[i];
+    a = y > a ? y : a;
+    any_nan |= y != y;
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : a;
+}
+
+// Codes of elements start .. start + n - 1 as floats (start is even at 4 bits: blocks hold an even count).
+template <int BITS>
+inline void load_codes(const uint8_t* codes, int64_t start, int n, float* out) {
+  if (BITS == 8) {
+    for (int i = 0; i < n; ++i) out[i] = float(codes[start + i]);
+    return;
+  }
+  const uint8_t* in = codes + (start >> 1);
+  for (int i = 0; i < (n + 1) / 2; ++i) {
+    out[2 * i] = float(in[i] & 15);
+    out[2 * i + 1] = float(in[i] >> 4);
+  }
+}
+
+inline float decode_m8(float c, float a) {
+  float y = (c - 127.0f) * (1.0f / 127.0f);
+  return y * std::fabs(y) * a;
+}
+
+template <int BITS>
+inline float decode_v(float c, float a) {
+  if (BITS == 8) {
+    float y = c * (1.0f / 255.0f);
+    y = y * y;
+    return y * y * a;
+  }
+  return (c + 1.0f) * (1.0f / 16.0f) * a;
+}
+
+template <int BITS>
+inline float encode_m(float x, float inv, const Consts& k) {
+  float s = x * inv;
+  if (BITS == 8) {
+    float q = std::floor(std::sqrt(std::fabs(s)) * 127.0f + 0.5f);
+    return std::copysign(q, s) + 127.0f;
+  }
+  float q = 0.0f;
+  for (int j = 0; j < 15; ++j) q += (s >= k.m4_bounds[j]) ? 1.0f : 0.0f;
+  return q;
+}
+
+template <int BITS>
+inline float encode_v(float x, float inv) {
+  float s = x * inv;
+  if (BITS == 8) {
+    float q = std::floor(std::sqrt(std::sqrt(s)) * 255.0f + 0.5f);
+    return (x > 0.0f && q == 0.0f) ? 1.0f : q;
+  }
+  float q = std::floor(s * 16.0f - 0.5f);
+  return q < 0.0f ? 0.0f : (q > 15.0f ? 15.0f : q);
+}
+
+inline float safe_inverse(float a) { return a > 0.0f ? 1.0f / a : 0.0f; }
+
+template <int BITS>
+inline void store_codes(uint8_t* codes, int64_t start, int n, const float* q) {
+  if (BITS == 8) {
+    for (int i = 0; i < n; ++i) codes[start + i] = uint8_t(int(q[i]));
+    return;
+  }
+  // start is even (blocks hold an even number of elements); an odd n leaves a 0 high nibble.
+  uint8_t* out = codes + (start >> 1);
+  for (int i = 0; i < n / 2; ++i) out[i] = uint8_t(int(q[2 * i]) | (int(q[2 * i + 1]) << 4));
+  if (n & 1) out[n / 2] = uint8_t(int(q[n - 1]));
+}
+
+template <typename P, int BITS>
+inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float* absmax_out, int64_t start, const Consts& k,
+                         float* q) {
+  const float a = is_signed ? block_max<true>(x, n) : block_max<false>(x, n);
+  float inv = safe_inverse(a);
+  if (is_signed)
+    for (int i = 0; i < n; ++i) q[i] = encode_m<BITS>(x[i], inv, k);
+  else
+    for (int i = 0; i < n; ++i) q[i] = encode_v<BITS>(x[i], inv);
+  store_codes<BITS>(codes, start, n, q);
+  *absmax_out = a;
+}
+
+// One quantization block: returns 1 if it was skipped for a non-finite gradient.
+template <typename P, int BITS, bool AMSGRAD, bool EMA>
+int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maximize, bool clip, bool skip_nonfinite) {
+  const int64_t start = b * block;
+  const int n = int(t.numel - start < block ? t.numel - start : block);
+  // Locals and restrict: the compiler must not reload the tensor's fields through the stores.
+  P* __restrict__ p = static_cast<P*>(t.p) + start;
+  const P* __restrict__ g = static_cast<const P*>(t.g) + start;
+  float* __restrict__ ema_out = EMA ? t.ema + start : nullptr;
+  alignas(64) float m[kMaxBlock + 1], v[kMaxBlock + 1], vh[kMaxBlock + 1], q[kMaxBlock + 1];
+  if (skip_nonfinite) {  // the largest |g|, NaN propagating: finite iff it is at most FLT_MAX
+    for (int i = 0; i < n; ++i) q[i] = load_param(g, i);
+    if (!(block_max<true>(q, n) <= 3.4028234663852886e38f)) return 1;
+  }
+  load_codes<BITS>(t.mc, start, n, m);
+  load_codes<BITS>(t.vc, start, n, v);
+  if (AMSGRAD) load_codes<BITS>(t.xc, start, n, vh);
+  const float ma = t.ma[b], va = t.va[b], xa = AMSGRAD ? t.xa[b] : 0.0f;
+  const float clip_value = k.clip, sign = maximize ? -1.0f : 1.0f, grad_mul = t.grad_mul;
+  const float beta1 = k.beta1, one_minus_beta1 = k.one_minus_beta1, beta2 = k.beta2, one_minus_beta2 = k.one_minus_beta2;
+  const float eps = k.eps, decay = k.decay, step_size = t.step_size, inv_bc2_sqrt = t.inv_bc2_sqrt;
+  const float ema_mom = t.ema_mom, one_minus_ema_mom = t.one_minus_ema_mom;
+  alignas(64) float levels[16];
+  for (int j = 0; j < 16; ++j) levels[j] = BITS == 4 ? k.m4_levels[j] : 0.0f;
+  for (int i = 0; i < n; ++i) {
+    float gi = load_param(g, i) * grad_mul;
+    if (clip) gi = gi < -clip_value ? -clip_value : (gi > clip_value ? clip_value : gi);
+    gi = gi * sign;  // -x is x * -1 exactly (NaN included, up to its sign bit, which nothing reads)
+    const float old_m = BITS == 8 ? decode_m8(m[i], ma) : levels[int(m[i])] * ma;
+    float mi = old_m * beta1 + gi * one_minus_beta1;
+    float vi = decode_v<BITS>(v[i], va) * beta2 + (gi * gi) * one_minus_beta2;
+    float hi = vi;
+    if (AMSGRAD) {
+      float xi = decode_v<BITS>(vh[i], xa);
+      hi = (vi > xi || vi != vi) ? vi : xi;  // torch.maximum propagates NaN
+    }
+    float denom = std::sqrt(hi) * inv_bc2_sqrt + eps;
+    float pi = load_param(p, i) * decay - step_size * (mi / denom);
+    if (EMA) ema_out[i] = ema_out[i] * ema_mom + stored_value(p, pi) * one_minus_ema_mom;
+    store_param(p, i, pi);
+    m[i] = mi;
+    v[i] = vi;
+    vh[i] = hi;
+  }
+  encode_block<P, BITS>(m, n, true, t.mc, t.ma + b, start, k, q);
+  encode_block<P, BITS>(v, n, false, t.vc, t.va + b, start, k, q);
+  if (AMSGRAD) encode_block<P, BITS>(vh, n, false, t.xc, t.xa + b, start, k, q);
+  return 0;
+}
+
+template <typename P, int BITS, bool AMSGRAD, bool EMA>
+void run(const Tensor* tensors, int64_t num_tensors, const int64_t* block_start, int block, const Consts& k, bool maximize,
+         bool clip, bool skip_nonfinite, int32_t* bad_blocks, int threads) {
+  const int64_t total = block_start[num_tensors];
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t gb = 0; gb < total; ++gb) {
+    int64_t lo = 0, hi = num_tensors;  // the tensor that owns global block gb: block_start[lo] <= gb < block_start[lo + 1]
+    while (hi - lo > 1) {
+      int64_t mid = (lo + hi) / 2;
+      if (block_start[mid] <= gb) lo = mid; else hi = mid;
+    }
+    if (block_step<P, BITS, AMSGRAD, EMA>(tensors[lo], gb - block_start[lo], block, k, maximize, clip, skip_nonfinite)) {
+#pragma omp atomic
+      bad_blocks[lo] += 1;
+    }
+  }
+}
+
+template <typename P, int BITS>
+void dispatch_flags(const Tensor* t, int64_t nt, const int64_t* bs, int block, const Consts& k, bool amsgrad, bool maximize,
+                    bool clip, bool ema, bool skip, int32_t* bad, int threads) {
+  if (amsgrad && ema) run<P, BITS, true, true>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+  else if (amsgrad) run<P, BITS, true, false>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+  else if (ema) run<P, BITS, false, true>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+  else run<P, BITS, false, false>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+}
+
+}  // namespace
+
+extern "C" int lowbit_cpu_step(const void* tensors, int64_t num_tensors, const int64_t* block_start, int block, int bits,
+                               int param_is_bf16, const float* scalars, const float* m4_levels, const float* m4_bounds,
+                               int amsgrad, int maximize, int clip, int ema, int skip_nonfinite, int32_t* bad_blocks,
+                               int threads) {
+  if (block > kMaxBlock || block % 2) return 1;
+  const Consts k{scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], m4_levels, m4_bounds};
+  const Tensor* t = static_cast<const Tensor*>(tensors);
+  if (bits == 8 && !param_is_bf16) dispatch_flags<float, 8>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
+  else if (bits == 8) dispatch_flags<uint16_t, 8>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
+  else if (!param_is_bf16) dispatch_flags<float, 4>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
+  else dispatch_flags<uint16_t, 4>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
+  return 0;
+}
+
+extern "C" int lowbit_tensor_struct_size() { return int(sizeof(Tensor)); }

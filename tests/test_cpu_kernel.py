@@ -1,0 +1,124 @@
+"""The C++ CPU step (backend="cpp", the CPU default) against the eager PyTorch step: one spec, so the
+same bits for every option, width, dtype and block size, on every CPU code path."""
+import warnings
+
+import pytest
+import torch
+
+from lowbit_adamw import AdamW8bit
+from lowbit_adamw import cpu_kernel
+from lowbit_adamw import functional as F
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler here")
+
+# a partial last block, whole blocks only, an odd size (a padding nibble at 4 bits), a tiny tensor
+SIZES = (300 * 256 + 77, 256 * 40, 5001, 3)
+
+
+def twins(dtype, sizes=SIZES, **kw):
+    torch.manual_seed(0)
+    base = [torch.randn(n, dtype=dtype) for n in sizes]
+    return [AdamW8bit([torch.nn.Parameter(b.clone()) for b in base], backend=backend, min_8bit_size=0, **kw)
+            for backend in ("torch", "cpp")]
+
+
+def step_both(opts, step, dtype, sizes=SIZES, poison=False):
+    g = torch.Generator().manual_seed(100 + step)
+    grads = [torch.randn(n, generator=g) * 10.0 ** -(step % 3) for n in sizes]
+    if poison:  # a NaN in one block and an Inf in another
+        grads[0][1000] = float("nan")
+        grads[1][5] = float("inf")
+    for o in opts:
+        for p, gr in zip(o.param_groups[0]["params"], grads):
+            p.grad = gr.to(dtype)
+        o.step()
+
+
+def assert_same(eager, cpp):
+    for pe, pc in zip(eager.param_groups[0]["params"], cpp.param_groups[0]["params"]):
+        assert torch.equal(pe, pc)
+        se, sc = eager.state[pe], cpp.state[pc]
+        assert se.keys() == sc.keys()
+        for k, v in se.items():
+            assert torch.equal(v, sc[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.1), dict(amsgrad=True, maximize=True, lr=3e-2),
+                                dict(bias_correction=False, lr=1e-2, clip_value=0.5),
+                                dict(ema_decay=0.9, clip_norm=1.0, block_size=64), dict(amsgrad=True, ema_decay=0.99, block_size=4096)])
+def test_cpp_step_gives_the_eager_bits(dtype, bits, kw):
+    eager, cpp = twins(dtype, bits=bits, **kw)
+    for step in range(4):
+        step_both((eager, cpp), step, dtype)
+        assert_same(eager, cpp)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpp_step_skips_nonfinite_blocks_like_eager(bits):
+    eager, cpp = twins(torch.float32, bits=bits)
+    step_both((eager, cpp), 0, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step_both((eager, cpp), 1, torch.float32, poison=True)
+    assert_same(eager, cpp)
+    assert eager.nonfinite_skipped == cpp.nonfinite_skipped and sum(cpp.nonfinite_skipped.values()) == 2
+
+
+def test_many_tensors_go_in_one_call(monkeypatch):
+    calls = []
+    real = cpu_kernel.cpu_step
+    monkeypatch.setattr(cpu_kernel, "cpu_step", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    sizes = [4096 + 2 * i for i in range(50)]
+    eager, cpp = twins(torch.float32, sizes=sizes)
+    step_both((eager, cpp), 0, torch.float32, sizes=sizes)
+    assert calls == [50]
+    assert_same(eager, cpp)
+
+
+def test_other_dtypes_and_stochastic_rounding_take_the_compiled_step(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "cpu_step", lambda *a, **k: calls.append(1))
+    for dtype, kw in ((torch.float16, {}), (torch.bfloat16, dict(stochastic_rounding=True))):
+        eager, cpp = twins(dtype, **kw)
+        torch.manual_seed(1)
+        step_both((eager,), 0, dtype)
+        torch.manual_seed(1)
+        step_both((cpp,), 0, dtype)
+        assert_same(eager, cpp)
+    assert not calls
+
+
+def test_auto_backend_uses_the_cpp_step_on_cpu():
+    assert AdamW8bit([torch.nn.Parameter(torch.randn(8192))])._resolve_backend(torch.device("cpu")) == "cpp"
+
+
+def test_a_failed_build_falls_back_to_the_compiled_step(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernel, "_lib", {})
+    with pytest.warns(RuntimeWarning, match="C.. CPU step could not be built"):
+        assert not cpu_kernel.available()
+    assert AdamW8bit([torch.nn.Parameter(torch.randn(8192))])._resolve_backend(torch.device("cpu")) == "compiled"
+
+
+def test_the_library_is_cached_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWBIT_ADAMW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_lib", {})
+    assert cpu_kernel.available()
+    path = cpu_kernel.library_path()[0]
+    assert path.parent == tmp_path and path.exists()
+    mtime = path.stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernel, "_lib", {})
+    assert cpu_kernel.available() and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpp_step_propagates_nonfinite_like_eager_when_told_to_ignore(bits):
+    eager, cpp = twins(torch.float32, bits=bits, nonfinite="ignore")
+    step_both((eager, cpp), 0, torch.float32, poison=True)
+    for pe, pc in zip(eager.param_groups[0]["params"], cpp.param_groups[0]["params"]):
+        torch.testing.assert_close(pc, pe, rtol=0, atol=0, equal_nan=True)
+        for k, v in eager.state[pe].items():
+            torch.testing.assert_close(cpp.state[pc][k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+    assert eager.param_groups[0]["params"][0].isnan().any()
