@@ -34,6 +34,7 @@ from .step_spec import StepScalars
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_step.cpp"
 _lib: dict = {}
+_M4_TABLE = torch.tensor(fmt.M4_LEVELS + fmt.M4_BOUNDS, dtype=torch.float32)  # 16 levels, then 15 bounds
 
 
 class _TensorArgs(ctypes.Structure):  # struct Tensor in cpu_step.cpp
@@ -110,16 +111,6 @@ def supports(param: torch.Tensor, sc: StepScalars) -> bool:
             and not (sc.stochastic_rounding and param.dtype != torch.float32))
 
 
-_M4 = {}
-
-
-def _m4_tables():
-    if not _M4:
-        _M4["levels"] = torch.tensor(fmt.M4_LEVELS, dtype=torch.float32)
-        _M4["bounds"] = torch.tensor(fmt.M4_BOUNDS, dtype=torch.float32)
-    return _M4["levels"], _M4["bounds"]
-
-
 def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: int, grad_muls=None,
              ema_moms=None) -> torch.Tensor:
     """The fused step over CPU tensors that ``supports`` accepts (one dtype), all in one call. Returns the
@@ -151,10 +142,10 @@ def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: i
     clip = sc.clip_value != float("inf")
     scalars = torch.tensor([*sc.constants(), sc.clip_value if clip else 0.0], dtype=torch.float32)
     counts = torch.zeros(n, dtype=torch.int32)
-    levels, bounds = _m4_tables()
+    levels = _M4_TABLE.data_ptr()
     rc = lib.lowbit_cpu_step(ctypes.addressof(args), n, block_start.data_ptr(), block_size, bits,
-                             int(params[0].dtype == torch.bfloat16), scalars.data_ptr(), levels.data_ptr(),
-                             bounds.data_ptr(), int(sc.amsgrad), int(sc.maximize), int(clip), int(ema_moms is not None),
+                             int(params[0].dtype == torch.bfloat16), scalars.data_ptr(), levels,
+                             levels + 4 * len(fmt.M4_LEVELS), int(sc.amsgrad), int(sc.maximize), int(clip), int(ema_moms is not None),
                              int(sc.skip_nonfinite), counts.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"the C++ CPU step refused block_size={block_size}")

@@ -130,26 +130,21 @@ def _fp32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float64).float().item()
 
 
-def dynamic_exponent_levels(bits: int, exponent_bits: int) -> tuple[float, ...]:
+def dynamic_exponent_levels(bits: int) -> tuple[float, ...]:
     """The signed dynamic-exponent map (Dettmers 2016, "8-Bit Approximations for Parallelism in Deep
-    Learning") at ``bits`` bits, sorted, as fp32 values. Exponent ``e`` (0 .. exponent_bits-1) spans
-    [0.1, 1] * 10**(e - exponent_bits + 1) with 2**(e + bits - 1 - exponent_bits) linear steps, each
-    level the middle of its step, both signs; then 0 and +1."""
+    Learning") at ``bits`` bits with ``bits - 1`` exponent values, sorted, as fp32 values. Exponent ``e``
+    (0 .. bits-2) spans [0.1, 1] * 10**(e - bits + 2) in 2**e linear steps, each level the middle of its
+    step, with both signs; then 0 and +1."""
     mags = []
-    for e in range(exponent_bits):
-        steps = 2 ** (e + bits - 1 - exponent_bits)
-        edges = [0.1 + 0.9 * i / steps for i in range(steps + 1)]
-        mags += [10.0 ** (e - exponent_bits + 1) * (lo + hi) / 2 for lo, hi in zip(edges, edges[1:])]
-    extra = 2 ** (bits - 1 - exponent_bits) - 1  # unused exponent patterns, as linear steps of the top decade
-    if extra:
-        edges = [0.1 + 0.9 * i / extra for i in range(extra + 1)]
-        mags += [(lo + hi) / 2 for lo, hi in zip(edges, edges[1:])]
+    for e in range(bits - 1):
+        edges = [0.1 + 0.9 * i / 2**e for i in range(2**e + 1)]
+        mags += [10.0 ** (e - bits + 2) * (lo + hi) / 2 for lo, hi in zip(edges, edges[1:])]
     levels = sorted([-m for m in mags] + [0.0] + mags + [1.0])
     assert len(levels) == 2**bits
     return tuple(_fp32(x) for x in levels)
 
 
-M4_LEVELS = dynamic_exponent_levels(4, 3)  # 4-bit m: code -> level (times absmax); code 7 is zero
+M4_LEVELS = dynamic_exponent_levels(4)  # 4-bit m: code -> level (times absmax); code 7 is zero
 M4_BOUNDS = tuple(_fp32((a + b) / 2) for a, b in zip(M4_LEVELS, M4_LEVELS[1:]))  # code = #(bounds <= s)
 
 

@@ -230,3 +230,13 @@ def test_trainer_optim_args_choose_4bit():
     from lowbit_adamw.integrations.transformers import parse_optim_args
 
     assert parse_optim_args("bits=4, min_8bit_size=0") == {"bits": 4, "min_8bit_size": 0}
+
+
+def test_4bit_m_map_is_the_dynamic_exponent_map_of_the_spec():
+    published = [0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875]  # the format docstring's levels
+    want = torch.tensor([-x for x in reversed(published)] + [0.0] + published + [1.0])
+    levels = fmt.code_map("exp_avg", 4)
+    assert torch.allclose(levels, want, rtol=0, atol=1e-7) and levels[fmt.m_zero_code(4)] == 0
+    assert torch.equal(levels[:7], -levels[8:15].flip(0))  # symmetric to the bit, except +1
+    bounds = torch.tensor(fmt.M4_BOUNDS)
+    assert torch.equal(bounds, ((levels[1:].double() + levels[:-1].double()) / 2).float())

@@ -52,8 +52,6 @@ inline float stored_value(const uint16_t*, float x) {
   return load_param(&h, 0);
 }
 
-inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a; }  // torch.amax propagates NaN
-
 // max over x[0..n) of |x| (ABS) or x, NaN propagating like torch.amax. Written with GCC/Clang vector
 // types: compilers do not vectorize a NaN-propagating max reduction written as a scalar loop. (A max is
 // the same in any order; x here is never -0.)
@@ -166,7 +164,7 @@ inline void store_codes(uint8_t* codes, int64_t start, int n, const float* q) {
   if (n & 1) out[n / 2] = uint8_t(int(q[n - 1]));
 }
 
-template <typename P, int BITS>
+template <int BITS>
 inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float* absmax_out, int64_t start, const Consts& k,
                          float* q) {
   const float a = is_signed ? block_max<true>(x, n) : block_max<false>(x, n);
@@ -223,9 +221,9 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
     v[i] = vi;
     vh[i] = hi;
   }
-  encode_block<P, BITS>(m, n, true, t.mc, t.ma + b, start, k, q);
-  encode_block<P, BITS>(v, n, false, t.vc, t.va + b, start, k, q);
-  if (AMSGRAD) encode_block<P, BITS>(vh, n, false, t.xc, t.xa + b, start, k, q);
+  encode_block<BITS>(m, n, true, t.mc, t.ma + b, start, k, q);
+  encode_block<BITS>(v, n, false, t.vc, t.va + b, start, k, q);
+  if (AMSGRAD) encode_block<BITS>(vh, n, false, t.xc, t.xa + b, start, k, q);
   return 0;
 }
 
