@@ -301,6 +301,8 @@ def launch_adamw8bit(
     4-bit m map (``lowbit_adamw.format.M4_LEVELS`` / ``M4_BOUNDS``), compiled in as constants."""
     if num_programs == 0:
         return
+    if bits == 4 and (len(m4_table[0]), len(m4_table[1])) != (16, 15):
+        raise ValueError("bits=4 needs m4_table=(16 levels, 15 bounds): lowbit_adamw.format.M4_LEVELS, M4_BOUNDS")
     adamw8bit_kernel[(num_programs,)](
         *bases, tensor_table, step_table, prog_start, num_tensors, bad_blocks, *scalars,
         clip_value if clip_value != float("inf") else 0.0, seed,

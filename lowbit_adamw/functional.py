@@ -375,26 +375,25 @@ def adamw8bit_step(
     if not params:
         return
     muls = [1.0] * len(params) if grad_muls is None else grad_muls
-    if backend in ("torch", "compiled"):
-        moms = [None] * len(params) if ema_moms is None else ema_moms
-        for i, (p, g, s, mul, mom) in enumerate(zip(params, grads, states, muls, moms)):
-            _torch_step_8bit(p, g, s, scalars, block_size, generator, compiled=backend == "compiled", grad_mul=mul, ema_mom=mom,
-                             bad_blocks=None if bad_blocks is None else bad_blocks[i], bits=bits)
-    elif backend == "cpp":
-        from . import cpu_kernel
+    if backend in ("torch", "compiled", "cpp"):
+        rest = range(len(params))
+        if backend == "cpp":
+            from . import cpu_kernel
 
-        fast = [i for i, p in enumerate(params) if cpu_kernel.supports(p, scalars)] if cpu_kernel.available() else []
-        if fast:
-            sel = lambda xs: None if xs is None else [xs[i] for i in fast]  # noqa: E731
-            counts = cpu_kernel.cpu_step(sel(params), sel(grads), sel(states), scalars, block_size=block_size, bits=bits,
-                                         grad_muls=sel(grad_muls), ema_moms=sel(ema_moms))
-            if bad_blocks is not None and scalars.skip_nonfinite:
-                bad_blocks[fast] += counts.to(bad_blocks.dtype)
-        rest = sorted(set(range(len(params))) - set(fast))
+            fast = [i for i, p in enumerate(params) if cpu_kernel.supports(p, scalars)] if cpu_kernel.available() else []
+            if fast:
+                sel = lambda xs: None if xs is None else [xs[i] for i in fast]  # noqa: E731
+                counts = cpu_kernel.cpu_step(sel(params), sel(grads), sel(states), scalars, block_size=block_size, bits=bits,
+                                             grad_muls=sel(grad_muls), ema_moms=sel(ema_moms))
+                if bad_blocks is not None and scalars.skip_nonfinite:
+                    bad_blocks[fast] += counts.to(bad_blocks.dtype)
+            # other dtypes, stochastic rounding of 16-bit weights, no library: the compiled step
+            rest = sorted(set(rest) - set(fast))
         moms = [None] * len(params) if ema_moms is None else ema_moms
-        for i in rest:  # other dtypes, stochastic rounding of 16-bit weights, no compiler: the compiled step
-            _torch_step_8bit(params[i], grads[i], states[i], scalars, block_size, generator, compiled=True, grad_mul=muls[i],
-                             ema_mom=moms[i], bad_blocks=None if bad_blocks is None else bad_blocks[i], bits=bits)
+        for i in rest:
+            _torch_step_8bit(params[i], grads[i], states[i], scalars, block_size, generator, compiled=backend != "torch",
+                             grad_mul=muls[i], ema_mom=moms[i], bad_blocks=None if bad_blocks is None else bad_blocks[i],
+                             bits=bits)
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
