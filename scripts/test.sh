@@ -2,7 +2,7 @@
 # The README's test command: installs pinned CPU torch and the package with its test extras, runs the
 # whole suite, then runs the numerics tests again under ATen's other CPU code paths (avx2, default),
 # so a machine with AVX-512 also checks what an AVX2-only or a baseline machine computes.
-#   bash scripts/test.sh            everything (about 6 minutes on 2 cores)
+#   bash scripts/test.sh            everything (about 11 minutes on 2 cores from a fresh venv)
 #   bash scripts/test.sh --quick    without the slow tests (marked in tests/conftest.py)
 # Kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA).
 set -euo pipefail
