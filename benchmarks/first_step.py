@@ -3,7 +3,9 @@ new version) and when an earlier process has built it (every later run). The C++
 once per machine and CPU code path (cached in LOWBIT_ADAMW_CACHE_DIR); the torch.compile'd step compiles
 its graphs (cached by inductor in TORCHINDUCTOR_CACHE_DIR). Each measurement is a fresh process whose
 caches start empty (cold) or hold what the cold process left (warm); the same run times torch's fused
-AdamW first step as the baseline.
+AdamW first step as the baseline. ``compile-torch`` and ``compile-lowbit`` time the first call of
+``torch.compile(opt.step)`` (torch's AdamW; lowbit with ``fullgraph=True``), which traces and compiles
+the step, against the calls after it.
 
     python benchmarks/first_step.py [--out benchmarks/results/first_step_cpu.json]
 """
@@ -27,12 +29,23 @@ torch.manual_seed(0)
 ps = [torch.nn.Parameter(torch.randn(s)) for s in [(4096, 512), (512, 512), (512,), (1376, 512)]]
 for p in ps:
     p.grad = torch.randn_like(p)
-opt = torch.optim.AdamW(ps, fused=True) if backend == "torch-fused" else AdamW8bit(ps, backend=backend, bits=bits)
+if backend == "torch-fused":
+    opt = torch.optim.AdamW(ps, fused=True)
+    step = opt.step
+elif backend == "compile-torch":
+    opt = torch.optim.AdamW(ps)
+    step = torch.compile(opt.step)
+elif backend == "compile-lowbit":
+    opt = AdamW8bit(ps, bits=bits)
+    step = torch.compile(opt.step, fullgraph=True)
+else:
+    opt = AdamW8bit(ps, backend=backend, bits=bits)
+    step = opt.step
 t = time.perf_counter()
-opt.step()
+step()
 first = time.perf_counter() - t
 t = time.perf_counter()
-opt.step()
+step()
 print(json.dumps(dict(first_s=first, second_s=time.perf_counter() - t, import_s=t - t0 - first)))
 """
 
@@ -44,7 +57,8 @@ def measure(backend: str, bits: int, env: dict) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="torch-fused:8,cpp:8,cpp:4,compiled:8,compiled:4", help="backend:bits, comma-separated")
+    ap.add_argument("--runs", default="torch-fused:8,cpp:8,cpp:4,compiled:8,compiled:4,compile-torch:8,compile-lowbit:8,compile-lowbit:4",
+                    help="backend:bits, comma-separated")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []

@@ -18,11 +18,12 @@ Tables (built and cached by ``lowbit_adamw.kernel_launch``):
   ``tensor_table``  int64 [T, 10]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
                     vmax absmax, numel, the EMA buffer (fp32), and the tensor's slot in ``bad_blocks``.
                     Changes only when a tensor is reallocated.
-  ``step_table``    int64 [T, 7]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
+  ``step_table``    int64 [T, 8]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
                     flag (the whole tensor), fp32 bits of the gradient multiplier (AMP unscale,
                     loss scale, norm clipping, accumulation mean), fp32 bits of the EMA momentum
                     (0 on a tensor's first step, so the average starts at the weights) and of
-                    1 - momentum (rounded once on the host, as the PyTorch paths do). Uploaded each step.
+                    1 - momentum (rounded once on the host, as the PyTorch paths do), and the
+                    tensor's stochastic-rounding key (``lowbit_adamw.rng``). Uploaded each step.
 
 Arithmetic follows ``lowbit_adamw.step_spec`` exactly: IEEE division and square root (``div_rn``,
 ``sqrt_rn``) and no FMA contraction (the launch passes ``enable_fp_fusion=False``), so the GPU gives the
@@ -37,7 +38,7 @@ real GPU targets and reads the PTX.
 import triton
 import triton.language as tl
 
-STEP_COLS: tl.constexpr = tl.constexpr(7)  # columns of step_table (see above)
+STEP_COLS: tl.constexpr = tl.constexpr(8)  # columns of step_table (see above)
 TENSOR_COLS: tl.constexpr = tl.constexpr(10)  # columns of tensor_table
 
 
@@ -139,9 +140,19 @@ def _encode_v(v, inv, BITS: tl.constexpr):
 
 
 @triton.jit
-def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
-    # Round toward zero to the 16-bit dtype, then one unit away from zero with probability equal to
-    # the fraction of the gap: same rule as lowbit_adamw.functional.stochastic_round_.
+def _mix32(x):
+    # lowbit_adamw.rng.mix32 on uint32 (multiplies wrap mod 2**32)
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x21F0AAAD, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x735A2D97, tl.uint32)
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _stochastic_round(x, key, idx, OUT_DTYPE: tl.constexpr):
+    # Round toward zero to the 16-bit dtype, then one unit away from zero when the counter-based
+    # uniform of (key, element index) is below the fraction of the gap: lowbit_adamw.functional.stochastic_round_.
     nearest = x.to(OUT_DTYPE)
     bits = nearest.to(tl.int16, bitcast=True)
     away = tl.abs(nearest.to(tl.float32)) > tl.abs(x)
@@ -150,16 +161,17 @@ def _stochastic_round(x, seed, offsets, OUT_DTYPE: tl.constexpr):
     hi = (lo_bits + 1).to(OUT_DTYPE, bitcast=True)
     lo32 = tl.abs(lo.to(tl.float32))
     gap = tl.abs(hi.to(tl.float32)) - lo32
-    frac = (tl.abs(x) - lo32) / tl.where(gap > 0, gap, 1.0)
-    r = tl.rand(seed, offsets)
-    return tl.where(r < frac, hi, lo)
+    frac = tl.where(gap > 0, (tl.abs(x) - lo32) / tl.where(gap > 0, gap, 1.0), 0.0)
+    h = _mix32(idx.to(tl.uint32) ^ key)
+    u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return tl.where(u < frac, hi, lo)
 
 
 @triton.jit
 def adamw8bit_kernel(
     p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base, e_base,
     tensor_table, step_table, prog_start, num_tensors, bad_blocks,
-    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value, seed,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value,
     BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, EMA: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr, BITS: tl.constexpr, M4_LEVELS: tl.constexpr,
@@ -178,7 +190,7 @@ def adamw8bit_kernel(
         vc_off = tl.load(row + 3)
         va_off = tl.load(row + 4)
         numel = tl.load(row + 7)
-        slot = tl.load(row + 9)  # the tensor's index in the whole bucket: counters, random streams
+        slot = tl.load(row + 9)  # the tensor's index in the whole bucket: its non-finite counter
         g_off = tl.load(step_row + 0)
         if ALIGNED:
             # The host launches this variant only for tensors whose per-element buffers start on 16-element
@@ -255,7 +267,8 @@ def adamw8bit_kernel(
         p = p - step_size * tl.div_rn(m, denom)
 
         if STOCHASTIC:
-            out = _stochastic_round(p, seed + slot.to(tl.int32) * 7919, idx.to(tl.int32), p_raw.dtype)
+            key = tl.load(step_row + 7).to(tl.uint32)
+            out = _stochastic_round(p, key, idx, p_raw.dtype)
         else:
             out = _round_nearest(p, p_raw.dtype)
         tl.store(p_base + p_off + idx, out, mask=mask)
@@ -288,7 +301,7 @@ def adamw8bit_kernel(
 
 def launch_adamw8bit(
     bases, tensor_table, step_table, prog_start, num_tensors, num_programs, scalars, bad_blocks,
-    *, block_size, blocks_per_program, amsgrad, maximize, stochastic, seed, clip_value=float("inf"), ema=False,
+    *, block_size, blocks_per_program, amsgrad, maximize, stochastic, clip_value=float("inf"), ema=False,
     skip_nonfinite=True, aligned=False, num_warps=4, bits=8, m4_table=((), ()),
 ):
     """Launch the kernel once over ``num_programs`` programs. ``bases`` are the 9 base tensors
@@ -305,7 +318,7 @@ def launch_adamw8bit(
         raise ValueError("bits=4 needs m4_table=(16 levels, 15 bounds): lowbit_adamw.format.M4_LEVELS, M4_BOUNDS")
     adamw8bit_kernel[(num_programs,)](
         *bases, tensor_table, step_table, prog_start, num_tensors, bad_blocks, *scalars,
-        clip_value if clip_value != float("inf") else 0.0, seed,
+        clip_value if clip_value != float("inf") else 0.0,
         **variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic,
                              clip_value != float("inf"), ema, skip_nonfinite, aligned, bits, m4_table),
         num_warps=num_warps,

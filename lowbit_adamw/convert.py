@@ -6,6 +6,8 @@ import copy
 import torch
 
 from . import format as fmt
+from . import layout
+from .checkpoint import ORDER_KEY, full_state_dtype
 
 _TORCH_GROUP_DEFAULTS = dict(
     amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True
@@ -36,8 +38,8 @@ def to_torch_adamw_state_dict(optimizer) -> dict:
             if name + "_codes" in s:
                 block_size, bits = block_of[pid]
                 flat = fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name), block_size, bits,
-                                                numel=p.numel())
-                out[name] = flat.view(p.shape)
+                                                numel=layout.real_view(p).numel())
+                out[name] = layout.flat_to_logical(flat, p)
             elif name in s:
                 out[name] = s[name].clone()
         if "ema" in s:  # torch's AdamW ignores it, but it must not be dropped on the way
@@ -70,13 +72,16 @@ def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
         names = [n for n in fmt.QUANTIZED_MOMENTS if n in s]
         if optimizer._wants_8bit(p, g):
             for name in names:
-                codes, absmax = fmt.quantize_blockwise(s[name].to(p.device), fmt.is_signed(name), g["block_size"], g["bits"])
+                flat = layout.logical_to_flat(s[name].to(p.device), p)
+                codes, absmax = fmt.quantize_blockwise(flat, fmt.is_signed(name), g["block_size"], g["bits"])
                 out[name + "_codes"], out[name + "_absmax"] = codes, absmax
+            if layout.element_order(p) is not None:  # the codes follow p's storage order (lowbit_adamw.checkpoint)
+                out[ORDER_KEY] = torch.tensor(layout.element_order(p), dtype=torch.int64)
         else:
             for name in names:
-                out[name] = s[name].to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+                out[name] = s[name].to(device=p.device, dtype=full_state_dtype(p)).reshape(p.shape).clone()
         if "ema" in s:
-            out["ema"] = s["ema"].to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+            out["ema"] = s["ema"].to(device=p.device, dtype=full_state_dtype(p)).reshape(p.shape).clone()
         state[pid] = out
     new_sd = optimizer.state_dict()
     new_sd["state"], new_sd["param_groups"] = state, groups

@@ -11,8 +11,8 @@ Flags: ``-O3 -ffp-contract=off`` (no FMA the spec does not have; no ``-ffast-mat
 ISA ATen runs with (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` sets).
 
 The arithmetic is ``lowbit_adamw.step_spec``'s, and the tests hold it to the eager path bit for bit.
-Parameters in float32 or bfloat16 (with their gradients in the same dtype); anything else, and
-stochastic rounding, stays on the compiled path.
+Parameters in float32 or bfloat16 (with their gradients in the same dtype), stochastic rounding of
+bfloat16 weights included (``lowbit_adamw.rng``'s hash); anything else stays on the compiled path.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class _TensorArgs(ctypes.Structure):  # struct Tensor in cpu_step.cpp
                 ("vc", ctypes.c_void_p), ("va", ctypes.c_void_p), ("xc", ctypes.c_void_p), ("xa", ctypes.c_void_p),
                 ("ema", ctypes.c_void_p), ("numel", ctypes.c_int64), ("step_size", ctypes.c_float),
                 ("inv_bc2_sqrt", ctypes.c_float), ("grad_mul", ctypes.c_float), ("ema_mom", ctypes.c_float),
-                ("one_minus_ema_mom", ctypes.c_float)]
+                ("one_minus_ema_mom", ctypes.c_float), ("sr_key", ctypes.c_uint32)]
 
 
 def _isa_flags() -> list[str]:
@@ -64,14 +64,45 @@ def library_path() -> tuple[Path, str, list[str]]:
     """(where the built library for this compiler, these flags and this source lives, the compiler, the flags)."""
     cxx = _compiler() or "none"
     flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", *_isa_flags()]
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout if cxx != "none" else ""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout if cxx != "none" else ""
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, version, *flags]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LOWBIT_ADAMW_CACHE_DIR", Path.home() / ".cache" / "lowbit_adamw"))
     return cache / f"cpu_step-{key}.so", cxx, flags
 
 
+BUILD_TIMEOUT_S = 300  # a compiler that stalls must not block the first step for ever (LOWBIT_ADAMW_BUILD_TIMEOUT)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """The cached library is whole: its checksum, written beside it after the build, matches. A truncated
+    or overwritten file would otherwise crash the process inside dlopen (SIGBUS) instead of being rebuilt."""
+    sums = path.with_suffix(".sha256")
+    return path.exists() and sums.exists() and sums.read_text().strip() == _digest(path)
+
+
+def _build(path: Path, cxx: str, flags: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timeout = float(os.environ.get("LOWBIT_ADAMW_BUILD_TIMEOUT", BUILD_TIMEOUT_S))
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # build, then rename: concurrent processes are safe
+        out = Path(tmp) / path.name
+        try:
+            subprocess.run([cxx, *flags, "-shared", "-fPIC", "-o", str(out), str(_SOURCE)], check=True,
+                           capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{cxx} did not finish within {timeout:g} s (LOWBIT_ADAMW_BUILD_TIMEOUT)") from None
+        sums = Path(tmp) / (path.stem + ".sha256")
+        sums.write_text(_digest(out))
+        os.replace(out, path)
+        os.replace(sums, path.with_suffix(".sha256"))
+
+
 def load():
-    """The ctypes library, built on first use; None (with one warning) where it cannot be built."""
+    """The ctypes library, built on first use (and rebuilt if the cached file is not intact); None (with
+    one warning) where it cannot be built."""
     if "lib" in _lib:
         return _lib["lib"]
     lib = None
@@ -79,18 +110,14 @@ def load():
         path, cxx, flags = library_path()
         if cxx == "none":
             raise RuntimeError("no C++ compiler found (set CXX)")
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # build, then rename: concurrent processes are safe
-                out = Path(tmp) / path.name
-                subprocess.run([cxx, *flags, "-shared", "-fPIC", "-o", str(out), str(_SOURCE)], check=True,
-                               capture_output=True, text=True)
-                os.replace(out, path)
+        if not _intact(path):
+            _build(path, cxx, flags)
         lib = ctypes.CDLL(str(path))
         lib.lowbit_cpu_step.restype = ctypes.c_int
         lib.lowbit_cpu_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_int]
         if lib.lowbit_tensor_struct_size() != ctypes.sizeof(_TensorArgs):
             raise RuntimeError("struct layout mismatch between cpu_step.cpp and cpu_kernel.py")
     except Exception as e:  # no compiler, a failed build, an unloadable library: the compiled path takes over
@@ -107,12 +134,11 @@ def available() -> bool:
 
 
 def supports(param: torch.Tensor, sc: StepScalars) -> bool:
-    return (param.device.type == "cpu" and param.dtype in SUPPORTED_DTYPES and param.is_contiguous()
-            and not (sc.stochastic_rounding and param.dtype != torch.float32))
+    return param.device.type == "cpu" and param.dtype in SUPPORTED_DTYPES and param.is_contiguous()
 
 
 def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: int, grad_muls=None,
-             ema_moms=None) -> torch.Tensor:
+             ema_moms=None, sr_keys=None) -> torch.Tensor:
     """The fused step over CPU tensors that ``supports`` accepts (one dtype), all in one call. Returns the
     number of blocks skipped for a non-finite gradient, per tensor (int32)."""
     lib = load()
@@ -137,16 +163,18 @@ def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: i
         a.numel = p.numel()
         a.step_size, a.inv_bc2_sqrt = step_size, inv_bc2_sqrt
         a.grad_mul = 1.0 if grad_muls is None else grad_muls[i]
+        a.sr_key = 0 if sr_keys is None or sr_keys[i] is None else sr_keys[i]
         starts.append(starts[-1] + fmt.num_blocks(p.numel(), block_size))
     block_start = torch.tensor(starts, dtype=torch.int64)
     clip = sc.clip_value != float("inf")
     scalars = torch.tensor([*sc.constants(), sc.clip_value if clip else 0.0], dtype=torch.float32)
     counts = torch.zeros(n, dtype=torch.int32)
     levels = _M4_TABLE.data_ptr()
+    bf16 = params[0].dtype == torch.bfloat16
     rc = lib.lowbit_cpu_step(ctypes.addressof(args), n, block_start.data_ptr(), block_size, bits,
-                             int(params[0].dtype == torch.bfloat16), scalars.data_ptr(), levels,
+                             int(bf16), scalars.data_ptr(), levels,
                              levels + 4 * len(fmt.M4_LEVELS), int(sc.amsgrad), int(sc.maximize), int(clip), int(ema_moms is not None),
-                             int(sc.skip_nonfinite), counts.data_ptr(), torch.get_num_threads())
+                             int(sc.skip_nonfinite), int(bf16 and sc.stochastic_rounding), counts.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"the C++ CPU step refused block_size={block_size}")
     return counts

@@ -166,7 +166,7 @@ V_CODE_MAP = code_map("exp_avg_sq", 8)
 
 
 def check_bits(bits) -> int:
-    if bits not in BITS or isinstance(bits, bool):
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be 8 or 4 (the width of the moment codes), got {bits!r}")
     return bits
 

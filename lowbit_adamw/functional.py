@@ -24,6 +24,7 @@ import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from . import format as fmt
+from . import rng
 from .step_spec import StepScalars, state_names
 
 __all__ = ["StepScalars", "state_names", "adamw8bit_step", "fp32_state_step", "stochastic_round_"]
@@ -45,15 +46,20 @@ def _toward_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (bits - away.to(torch.int16)).view(dtype)
 
 
-def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """Write fp32 ``x`` into 16-bit ``dst`` with stochastic rounding (the rule above)."""
-    lo = _toward_zero(x, dst.dtype)
-    hi = (lo.view(torch.int16) + 1).view(dst.dtype)  # one unit further from zero
+def _stochastic_pick(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to the 16-bit ``dtype`` by the rule above, with uniforms ``u`` (same shape)."""
+    lo = _toward_zero(x, dtype)
+    hi = (lo.view(torch.int16) + 1).view(dtype)  # one unit further from zero
     lo32, hi32 = lo.float(), hi.float()
     gap = (hi32 - lo32).abs()
-    frac = torch.where(gap > 0, (x.abs() - lo32.abs()) / gap, torch.zeros_like(gap))
-    r = torch.rand(x.shape, device=x.device, generator=generator)
-    dst.copy_(torch.where(r < frac, hi, lo))
+    frac = torch.where(gap > 0, (x.abs() - lo32.abs()) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+    return torch.where(u < frac, hi, lo)
+
+
+def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, key: int, start: int = 0) -> None:
+    """Write fp32 ``x`` (flat) into 16-bit ``dst`` with stochastic rounding (the rule above), with the
+    counter-based uniforms of ``lowbit_adamw.rng`` for elements ``start ..`` under ``key``."""
+    dst.copy_(_stochastic_pick(x, dst.dtype, rng.uniform(key, start, x.numel(), x.device).view(x.shape)))
 
 
 # ---- the PyTorch path ---------------------------------------------------------------------------
@@ -87,13 +93,13 @@ def _update_chunk(p32, g, m, v, vmax, sc: StepScalars, step_size: float, inv_bc2
     p32.sub_(t)
 
 
-def _rounded_param(dst: torch.Tensor, p32: torch.Tensor, stochastic: bool, generator) -> torch.Tensor:
-    """p32 in dst's dtype, as the step writes it (nearest even, or stochastic for 16-bit)."""
+def _rounded_param(dst: torch.Tensor, p32: torch.Tensor, sr_key: int | None, start: int) -> torch.Tensor:
+    """p32 in dst's dtype, as the step writes it (nearest even, or stochastic for 16-bit with a key)."""
     if dst.dtype == torch.float32:
         return p32
-    if stochastic:
+    if sr_key is not None:
         out = torch.empty_like(dst)
-        stochastic_round_(out, p32, generator)
+        stochastic_round_(out, p32, sr_key, start)
         return out
     return p32.to(dst.dtype)
 
@@ -162,10 +168,11 @@ def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8):
 
 
 def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool, ema=None, skip_nonfinite=False,
-                bits: int = 8):
+                bits: int = 8, sr_key=None):
     """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2), grad
-    multiplier, clip value, ema momentum, 1 - ema momentum] (fp32). Returns the number of rows
-    (blocks) skipped for a non-finite gradient (0-d int64)."""
+    multiplier, clip value, ema momentum, 1 - ema momentum] (fp32). ``sr_key``: None, or int64
+    [key, index of the first element] for stochastic rounding of 16-bit weights (``lowbit_adamw.rng``).
+    Returns the number of rows (blocks) skipped for a non-finite gradient (0-d int64)."""
     ok = torch.isfinite(g).all(dim=1, keepdim=True) if skip_nonfinite else None
     g32 = g.float() * k[8]
     if clip:
@@ -179,7 +186,12 @@ def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: boo
         vh = torch.maximum(_decode(codes[2], absmax[2], False, bits), v)
     denom = torch.sqrt(vh) * k[7] + k[5]
     p32 = p.float() * k[0] - k[6] * (m / denom)
-    p_new = p32.to(p.dtype)
+    if sr_key is not None:
+        idx = (torch.arange(p.numel(), dtype=torch.int64, device=p.device).view(p.shape) + sr_key[1]) & rng.MASK32
+        u = (rng.mix32_tensor(idx ^ sr_key[0]) >> 8).to(torch.float32) * (2.0**-24)
+        p_new = _stochastic_pick(p32, p.dtype, u)
+    else:
+        p_new = p32.to(p.dtype)
     if ok is not None:
         p_new = torch.where(ok, p_new, p)
     if ema is not None:
@@ -219,7 +231,7 @@ def _compiled_block_step():
 
 
 def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0, ema_mom=None,
-                    bad_blocks=None, bits: int = 8) -> int:
+                    bad_blocks=None, bits: int = 8, sr_key: int | None = None) -> int:
     """Run the compiled step over the whole blocks of a tensor; return where the eager path resumes
     (the last partial block), or 0 if compiling failed (then everything goes eager from now on)."""
     n = param.numel()
@@ -242,19 +254,24 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
                    [state[nm + "_codes"][fmt.codes_numel(start, bits) : fmt.codes_numel(stop, bits)].view(rows, -1) for nm in names],
                    [state[nm + "_absmax"][b0:b1] for nm in names])
         ema = None if ema_mom is None else state["ema"].view(-1)[start:stop].view(rows, block_size)
+        key = None if sr_key is None else torch.tensor([sr_key, start], dtype=torch.int64, device=param.device)
         # The row count varies from tensor to tensor, the block size does not: one graph per block size.
         for t in (tensors[0], tensors[1], *tensors[2], *tensors[3], *([ema] if ema is not None else [])):
             torch._dynamo.mark_dynamic(t, 0)
         # One graph per (param dtype, block size, flags, rows == 1): a process that mixes many (the
         # tests do) would pass dynamo's default of 8 recompiles, so the limit is raised for our calls
         # that may compile. Only those: the patch costs about 1 ms, more than a small call.
-        args = (*tensors, k, sc.amsgrad, sc.maximize, clip, ema, sc.skip_nonfinite, bits)
+        args = (*tensors, k, sc.amsgrad, sc.maximize, clip, ema, sc.skip_nonfinite, bits, key)
         variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, clip, ema is not None, sc.skip_nonfinite,
-                   rows == 1, param.device.type, bits)
+                   rows == 1, param.device.type, bits, key is not None)
         try:
+            skipped = None
             if variant in _compiled_variants:
-                skipped = fn(*args)
-            else:
+                try:
+                    skipped = fn(*args)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:
+                    _compiled_variants.clear()  # dynamo's caches were reset (torch._dynamo.reset()): compile again
+            if skipped is None:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                     skipped = fn(*args)
                 _compiled_variants.add(variant)
@@ -273,22 +290,24 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
 
 
 def _ema_update(ema: torch.Tensor, written: torch.Tensor, mom: float) -> torch.Tensor:
-    """ema * mom + (the weight as stored) * (1 - mom), in fp32, as a new tensor."""
-    return ema.mul(mom).add_(written.float() * (1.0 - mom))
+    """ema * mom + (the weight as stored) * (1 - mom), in the EMA's dtype (fp32; float64 for float64
+    weights), as a new tensor."""
+    return ema.mul(mom).add_(written.to(ema.dtype) * (1.0 - mom))
 
 
-def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int, generator,
+def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int,
                      compiled: bool = False, grad_mul: float = 1.0, ema_mom: float | None = None,
-                     bad_blocks: torch.Tensor | None = None, bits: int = 8) -> None:
+                     bad_blocks: torch.Tensor | None = None, bits: int = 8, sr_key: int | None = None) -> None:
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     names = state_names(sc.amsgrad)
     flat_p = param.view(-1)
     flat_g = grad.reshape(-1)
     n = flat_p.numel()
-    # Stochastic rounding of 16-bit weights needs the eager path's seeded generator.
+    if param.dtype == torch.float32:
+        sr_key = None  # stochastic rounding is for 16-bit weights
     first = 0
-    if compiled and compiled_available() and not (sc.stochastic_rounding and param.dtype != torch.float32):
-        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks, bits)
+    if compiled and compiled_available():
+        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks, bits, sr_key)
     for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
@@ -314,7 +333,7 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
         p32 = p_chunk.to(torch.float32, copy=True)
         vmax = moments[2][3] if sc.amsgrad else None
         _update_chunk(p32, g32, moments[0][3], moments[1][3], vmax, sc, step_size, inv_bc2_sqrt, grad_mul)
-        written = _rounded_param(p_chunk, p32, sc.stochastic_rounding, generator)
+        written = _rounded_param(p_chunk, p32, sr_key, start)
         if ok is not None:
             written = torch.where(ok, written, p_chunk)
         if ema_mom is not None:
@@ -332,7 +351,7 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
             absmax.copy_(torch.where(ok_blocks, new_absmax, absmax))
 
 
-def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator, grad_mul: float = 1.0) -> None:
+def _torch_step_fp32_state(param, grad, state, sc: StepScalars, sr_key: int | None, grad_mul: float = 1.0) -> None:
     """fp32 state for a 16-bit parameter (torch's fused AdamW wants state in the parameter dtype)."""
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     flat_p, flat_g = param.view(-1), grad.reshape(-1)
@@ -344,7 +363,16 @@ def _torch_step_fp32_state(param, grad, state, sc: StepScalars, generator, grad_
         g32 = flat_g[sl].to(torch.float32, copy=True)
         _update_chunk(p32, g32, m_all[sl], v_all[sl], None if vmax_all is None else vmax_all[sl], sc, step_size, inv_bc2_sqrt,
                       grad_mul)
-        flat_p[sl].copy_(_rounded_param(flat_p[sl], p32, sc.stochastic_rounding, generator))
+        flat_p[sl].copy_(_rounded_param(flat_p[sl], p32, sr_key, start))
+
+
+def effective_grad_muls(grad_muls: list[float] | None, grad_mul_tensor: torch.Tensor | None, n: int) -> list[float]:
+    """step_spec's gradient multiplier per tensor as host floats: ``fp32(host) * fp32(device)``, one
+    fp32 multiply (the device factor is read back, which costs nothing for CPU tensors)."""
+    host = torch.tensor([1.0] * n if grad_muls is None else grad_muls, dtype=torch.float32)
+    if grad_mul_tensor is not None:
+        host = host * grad_mul_tensor.detach().to(device="cpu", dtype=torch.float32)
+    return host.tolist()
 
 
 def adamw8bit_step(
@@ -355,27 +383,35 @@ def adamw8bit_step(
     *,
     block_size: int = fmt.DEFAULT_BLOCK_SIZE,
     backend: str = "torch",
-    generator: torch.Generator | None = None,
     blocks_per_program: int | None = None,
     plan_cache: dict | None = None,
     grad_muls: list[float] | None = None,
+    grad_mul_tensor: torch.Tensor | None = None,
     ema_moms: list[float] | None = None,
     bad_blocks: torch.Tensor | None = None,
     bits: int = 8,
+    sr_keys: list[int] | None = None,
 ) -> None:
-    """Update a bucket of parameters with quantized state (``bits`` 8 or 4, see ``format``) in place. ``state["step"]`` must already be
-    incremented. All tensors of the bucket share one device and one parameter dtype. ``grad_muls``
-    (one float per tensor, default 1) multiplies each gradient inside the step. ``ema_moms`` (one
-    float per tensor, or None for no EMA) updates ``state["ema"]`` (fp32) from the new weights.
-    ``bad_blocks`` (int32, one per tensor, on the parameters' device) accumulates the number of blocks
-    left untouched because their gradient had NaN/Inf (``scalars.skip_nonfinite``); nothing is read back.
+    """Update a bucket of parameters with quantized state (``bits`` 8 or 4, see ``format``) in place.
+    Every tensor is flat (1-d) in the order its blocks run (see ``lowbit_adamw.layout``), and
+    ``state["step"]`` is already incremented. All tensors of the bucket share one device and one
+    parameter dtype. The gradient multiplier of tensor ``i`` is ``grad_muls[i]`` (default 1) times
+    ``grad_mul_tensor[i]`` (fp32, on the device; e.g. a clipping factor computed without a host sync),
+    one fp32 multiply. ``ema_moms`` (one float per tensor, or None for no EMA) updates
+    ``state["ema"]`` (fp32) from the new weights. ``bad_blocks`` (int32, one per tensor, on the
+    parameters' device) accumulates the number of blocks left untouched because their gradient had
+    NaN/Inf (``scalars.skip_nonfinite``); nothing is read back. ``sr_keys`` (one ``lowbit_adamw.rng``
+    key per tensor) drive stochastic rounding of 16-bit weights when ``scalars.stochastic_rounding``.
 
     ``blocks_per_program`` and ``plan_cache`` only concern the Triton backend: quantization blocks per
     kernel program (a power of two), and a dict the caller keeps so per-tensor tables are built once."""
     if not params:
         return
-    muls = [1.0] * len(params) if grad_muls is None else grad_muls
+    if scalars.stochastic_rounding and sr_keys is None:
+        raise ValueError("stochastic_rounding needs sr_keys (one lowbit_adamw.rng key per tensor)")
+    keys = sr_keys if scalars.stochastic_rounding else [None] * len(params)
     if backend in ("torch", "compiled", "cpp"):
+        muls = effective_grad_muls(grad_muls, grad_mul_tensor, len(params))
         rest = range(len(params))
         if backend == "cpp":
             from . import cpu_kernel
@@ -384,32 +420,36 @@ def adamw8bit_step(
             if fast:
                 sel = lambda xs: None if xs is None else [xs[i] for i in fast]  # noqa: E731
                 counts = cpu_kernel.cpu_step(sel(params), sel(grads), sel(states), scalars, block_size=block_size, bits=bits,
-                                             grad_muls=sel(grad_muls), ema_moms=sel(ema_moms))
+                                             grad_muls=sel(muls), ema_moms=sel(ema_moms), sr_keys=sel(keys))
                 if bad_blocks is not None and scalars.skip_nonfinite:
                     bad_blocks[fast] += counts.to(bad_blocks.dtype)
-            # other dtypes, stochastic rounding of 16-bit weights, no library: the compiled step
+            # other dtypes, no library: the compiled step
             rest = sorted(set(rest) - set(fast))
         moms = [None] * len(params) if ema_moms is None else ema_moms
         for i in rest:
-            _torch_step_8bit(params[i], grads[i], states[i], scalars, block_size, generator, compiled=backend != "torch",
+            _torch_step_8bit(params[i], grads[i], states[i], scalars, block_size, compiled=backend != "torch",
                              grad_mul=muls[i], ema_mom=moms[i], bad_blocks=None if bad_blocks is None else bad_blocks[i],
-                             bits=bits)
+                             bits=bits, sr_key=keys[i])
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
         triton_step_8bit(
             params, grads, states, scalars, block_size=block_size, blocks_per_program=blocks_per_program,
-            plan_cache=plan_cache, generator=generator, grad_muls=grad_muls, ema_moms=ema_moms, bad_blocks=bad_blocks, bits=bits,
+            plan_cache=plan_cache, grad_muls=grad_muls, grad_mul_tensor=grad_mul_tensor, ema_moms=ema_moms,
+            bad_blocks=bad_blocks, bits=bits, sr_keys=keys,
         )
     else:
         raise ValueError(f"backend must be 'torch', 'compiled', 'cpp' or 'triton', got {backend!r}")
 
 
 def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None,
-                    generator=None, grad_muls: list[float] | None = None, ema_moms: list[float] | None = None,
-                    bad_tensors: torch.Tensor | None = None) -> None:
-    """Update parameters that keep torch's fp32 exp_avg/exp_avg_sq. fp32 parameters go to torch's
-    own fused (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above.
+                    grad_muls: list[float] | None = None, grad_mul_tensor: torch.Tensor | None = None,
+                    ema_moms: list[float] | None = None, bad_tensors: torch.Tensor | None = None,
+                    sr_keys: list[int] | None = None) -> None:
+    """Update parameters that keep full-precision exp_avg/exp_avg_sq (fp32, or float64 for float64
+    parameters), each flat in its block order. float32 and float64 parameters go to torch's own fused
+    (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above. ``state["step"]`` is
+    incremented here (torch's AdamW does it). Gradient multipliers as in :func:`adamw8bit_step`.
 
     With ``scalars.skip_nonfinite`` a tensor whose gradient has NaN/Inf keeps its parameter and state
     (its step counter advances) and ``bad_tensors`` (int32 per tensor) counts it. On the CPU the flags are
@@ -417,47 +457,63 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
     a copy on the device, so nothing waits for the host."""
     if not params:
         return
+    n = len(params)
+    keys = sr_keys if scalars.stochastic_rounding and sr_keys is not None else [None] * n
     if scalars.skip_nonfinite:
         ok = torch.stack([torch.isfinite(g).all() for g in grads])
         if bad_tensors is not None:
             bad_tensors.add_((~ok).to(bad_tensors.dtype))
         plain = dataclasses.replace(scalars, skip_nonfinite=False)
-        kw = dict(foreach=foreach, fused=fused, generator=generator)
+        kw = dict(foreach=foreach, fused=fused)
         if params[0].device.type == "cpu":
             keep = [i for i, fine in enumerate(ok.tolist()) if fine]
-            for i in set(range(len(params))) - set(keep):
+            for i in set(range(n)) - set(keep):
                 states[i]["step"] += 1
             sel = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
             if keep:
-                fp32_state_step(sel(params), sel(grads), sel(states), plain, grad_muls=sel(grad_muls), ema_moms=sel(ema_moms), **kw)
+                fp32_state_step(sel(params), sel(grads), sel(states), plain, grad_muls=sel(grad_muls),
+                                grad_mul_tensor=None if grad_mul_tensor is None else grad_mul_tensor[keep],
+                                ema_moms=sel(ema_moms), sr_keys=sel(keys), **kw)
             return
-        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if scalars.amsgrad else []) + (["ema"] if ema_moms is not None else [])
-        before = [(p.detach().clone(), {n: s[n].clone() for n in names}) for p, s in zip(params, states)]
-        fp32_state_step(params, grads, states, plain, grad_muls=grad_muls, ema_moms=ema_moms, **kw)
+        names = [k for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema") if k in states[0]]
+        before = [(p.detach().clone(), {k: s[k].clone() for k in names}) for p, s in zip(params, states)]
+        fp32_state_step(params, grads, states, plain, grad_muls=grad_muls, grad_mul_tensor=grad_mul_tensor, ema_moms=ema_moms,
+                        sr_keys=keys, **kw)
         for i, (p, s) in enumerate(zip(params, states)):
             p0, s0 = before[i]
             p.copy_(torch.where(ok[i], p, p0))
-            for n in names:
-                s[n].copy_(torch.where(ok[i], s[n], s0[n]))
+            for k in names:
+                s[k].copy_(torch.where(ok[i], s[k], s0[k]))
         return
-    muls = [1.0] * len(params) if grad_muls is None else list(grad_muls)
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    if on_cpu or grad_mul_tensor is None:
+        muls = effective_grad_muls(grad_muls, grad_mul_tensor, n)
+        mul_of = lambda i: muls[i]  # noqa: E731
+        scaled = lambda i: muls[i] != 1.0  # noqa: E731
+    else:  # a device factor stays on the device: no host sync
+        dev = torch.tensor([1.0] * n if grad_muls is None else grad_muls, dtype=torch.float32).to(grad_mul_tensor.device)
+        dev = dev * grad_mul_tensor.to(torch.float32)
+        mul_of = lambda i: dev[i]  # noqa: E731
+        scaled = lambda i: True  # noqa: E731
     # torch's AdamW has no switch for bias correction: without it, everything takes the path below.
-    use_torch = lambda p: p.dtype == torch.float32 and scalars.bias_correction  # noqa: E731
-    f32 = [i for i, p in enumerate(params) if use_torch(p)]
+    use_torch = lambda p: p.dtype in (torch.float32, torch.float64) and scalars.bias_correction  # noqa: E731
+    full = [i for i, p in enumerate(params) if use_torch(p)]
     other = [i for i, p in enumerate(params) if not use_torch(p)]
-    if f32:
-        sel = lambda xs: [xs[i] for i in f32]  # noqa: E731
-        ps, ss = sel(params), sel(states)
-        gs = sel(grads)
-        if any(muls[i] != 1.0 for i in f32) or scalars.clip_value != math.inf:
-            # torch's AdamW has no gradient multiplier or clamp: transform copies (fp32-state tensors are the small ones)
-            gs = [g.mul(muls[i]).clamp_(-scalars.clip_value, scalars.clip_value) for i, g in zip(f32, gs)]
+    for dtype in (torch.float32, torch.float64):
+        idx = [i for i in full if params[i].dtype == dtype]
+        if not idx:
+            continue
+        sel = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        ps, ss, gs = sel(params), sel(states), sel(grads)
+        if any(scaled(i) for i in idx) or scalars.clip_value != math.inf:
+            # torch's AdamW has no gradient multiplier or clamp: transform copies (full-precision tensors are the small ones)
+            gs = [(g * mul_of(i)).clamp_(-scalars.clip_value, scalars.clip_value) for i, g in zip(idx, gs)]
         # Our step counters live on the CPU (as torch's non-fused AdamW keeps them); torch's fused
         # kernel wants them on the parameter's device, so fused is used for CPU parameters only.
-        on_cpu = all(p.device.type == "cpu" for p in ps)
+        use_fused = fused
         if fused is None and foreach is None:
-            fused = on_cpu
-        fused = bool(fused) and on_cpu
+            use_fused = on_cpu
+        use_fused = bool(use_fused) and on_cpu
         torch_adamw(
             ps,
             gs,
@@ -466,7 +522,7 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
             [s["max_exp_avg_sq"] for s in ss] if scalars.amsgrad else [],
             [s["step"] for s in ss],
             foreach=foreach,
-            fused=fused,
+            fused=use_fused,
             amsgrad=scalars.amsgrad,
             beta1=scalars.beta1,
             beta2=scalars.beta2,
@@ -477,7 +533,8 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
         )
     for i in other:
         states[i]["step"] += 1
-        _torch_step_fp32_state(params[i], grads[i], states[i], scalars, generator, muls[i])
+        m = mul_of(i)
+        _torch_step_fp32_state(params[i], grads[i], states[i], scalars, keys[i], m if isinstance(m, float) else m.item())
     if ema_moms is not None:
         for p, s, mom in zip(params, states, ema_moms):
             s["ema"].copy_(_ema_update(s["ema"], p, mom))

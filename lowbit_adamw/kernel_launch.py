@@ -176,17 +176,20 @@ def triton_step_8bit(
     blocks_per_program: int | None = None,
     skip: torch.Tensor | None = None,
     plan_cache: dict | None = None,
-    generator: torch.Generator | None = None,
     grad_muls: list[float] | None = None,
+    grad_mul_tensor: torch.Tensor | None = None,
     ema_moms: list[float] | None = None,
     bad_blocks: torch.Tensor | None = None,
     num_warps: int | None = None,
     force_general: bool = False,
     bits: int = 8,
+    sr_keys: list[int] | None = None,
 ) -> None:
     """The fused step over a bucket: one launch per alignment class (at most two). ``skip`` (bool per
     tensor, on the device) leaves chosen tensors untouched without a host sync. ``bad_blocks`` (int32
     per tensor, on the device) receives the blocks skipped for a non-finite gradient (sc.skip_nonfinite).
+    ``grad_mul_tensor`` (fp32 per tensor, on the device) multiplies each host multiplier on the device,
+    so a clipping factor never waits for the host. ``sr_keys``: the stochastic-rounding keys.
     ``force_general`` sends every tensor to the general variant (tests)."""
     from lowbit_adamw.kernels import launch_adamw8bit
 
@@ -211,10 +214,7 @@ def triton_step_8bit(
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         if p.numel():
             classes[not force_general and is_aligned(p, g, s, names)].append(i)
-    seed = 0
-    if sc.stochastic_rounding:
-        # From torch's CPU generator, so torch.manual_seed makes runs repeatable.
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+    keys = [0] * len(params) if sr_keys is None else [0 if k is None else int(k) for k in sr_keys]
     live_keys = set()
     with device_guard(device):
         for aligned, idx in classes.items():
@@ -237,19 +237,24 @@ def triton_step_8bit(
                     _float_bits([muls[i] for i in idx]),
                     _float_bits([moms[i] for i in idx]),
                     _float_bits([1.0 - moms[i] for i in idx]),
+                    torch.tensor([keys[i] for i in idx], dtype=torch.int64),
                 ],
                 dim=1,
             )
             step_table = upload(step_table, device)
             if skip is not None:
                 step_table[:, 3] = skip[idx].to(torch.int64)
+            if grad_mul_tensor is not None:  # step_spec: fp32(host) * fp32(device), one multiply, on the device
+                host_mul = step_table[:, 4].to(torch.int32).view(torch.float32)
+                dev_mul = grad_mul_tensor.to(device=device, dtype=torch.float32)[idx]
+                step_table[:, 4] = (host_mul * dev_mul).view(torch.int32).to(torch.int64)
             b = plan.bases
             launch_adamw8bit(
                 (b[0], g_base, b[1], b[2], b[3], b[4], b[5], b[6], plan.ema_base),
                 plan.tensor_table, step_table, plan.prog_start, plan.num_tensors, plan.num_programs, sc.constants(),
                 bad_blocks,
                 block_size=block_size, blocks_per_program=bpp, amsgrad=sc.amsgrad, maximize=sc.maximize,
-                stochastic=sc.stochastic_rounding, seed=seed, clip_value=sc.clip_value, ema=ema_moms is not None,
+                stochastic=sc.stochastic_rounding, clip_value=sc.clip_value, ema=ema_moms is not None,
                 skip_nonfinite=sc.skip_nonfinite, aligned=aligned, num_warps=warps, bits=bits,
                 m4_table=(fmt.M4_LEVELS, fmt.M4_BOUNDS),
             )

@@ -189,7 +189,7 @@ def estimate_state_bytes(name: str, specs: list[ParamSpec]) -> dict[str, int]:
         opt = AdamW8bit([s.meta for s in specs], **kw)
         group = opt.param_groups[0]
         for p, s in zip(group["params"], specs):
-            opt._init_state(p, group, s.name)  # the optimizer's own decisions, on meta tensors
+            opt._init_state(p, group)  # the optimizer's own decisions, on meta tensors
         out = optimizer_state_bytes(opt)
         out.pop("total")
     elif name not in OPTIMIZERS:

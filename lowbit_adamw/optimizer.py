@@ -1,44 +1,83 @@
-"""``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit (or 4-bit) blockwise codes."""
+"""``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit (or 4-bit) blockwise codes.
+
+The class coordinates, as torch's ``adamw.py`` does: it owns the param groups, validates, keeps the
+state and dispatches each bucket of tensors to one call of ``torch.ops.lowbit_adamw.step_``
+(``lowbit_adamw.ops``). The other concerns live in their own modules: the update in ``step_spec`` and
+``functional``, memory order in ``layout``, clipping norms in ``clipping``, the state dict in
+``checkpoint``, the step inside backward in ``in_backward``, non-finite reports in ``nonfinite``,
+bitsandbytes' calling conventions in ``bnb_compat``.
+
+A step has two phases. First everything is computed and checked without writing anything: every
+group's hyper-parameters (a callable ``lr`` is called here, and NaN or negative values are refused
+naming the group), the gradients (sparse, dtype, shape), ``nonfinite="raise"``'s check, state for new
+parameters, the clipping multipliers. Then the buckets run; each is one op call that defers
+``KeyboardInterrupt`` until its writes are done. An exception in the first phase leaves every
+parameter and state tensor as it was.
+"""
 from __future__ import annotations
 
 import math
 import os
 import warnings
+import weakref
 from collections import defaultdict
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from . import bnb_compat, checkpoint, clipping, layout, ops, sharding
 from . import format as fmt
-from . import sharding
-from .functional import adamw8bit_step, fp32_state_step
+from .in_backward import InBackward, check_single_device
+from .nonfinite import NonfiniteReporter
 from .step_spec import NONFINITE_MODES as _NONFINITE
-from .step_spec import StepScalars, state_names
+from .step_spec import state_names
 
 _BACKENDS = ("auto", "torch", "compiled", "cpp", "triton")
-_VERSION_KEY = "lowbit_format_version"
+QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+SUPPORTED_DTYPES = QUANTIZABLE_DTYPES + (torch.float64, torch.complex128)
+# Attributes a copy of the optimizer (deepcopy, pickle, torch.save) must carry besides torch's
+# defaults/state/param_groups; the rest is rebuilt by _init_runtime.
+_PERSISTENT = ("backend", "nonfinite", "max_grad_norm", "accumulation_steps", "ema_decay", "ema_overwrite_frequency",
+               "step_in_backward", "_bucket_bytes", "seed", "_calls", "_updates", "_fp32_forced", "_min_size_override",
+               "_layouts", "_reporter")
 
 
-def _check_scalar(name, value, low, high=None, high_open=False):
+def _check_scalar(name, value, low, high=None, high_open=False, what=None, allow_inf=False):
+    """``what``: torch's wording of the error (``Invalid learning rate``), kept so that code matching
+    torch's messages still matches."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         value = value.item()
-    if not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or value != value
+            or (not allow_inf and value in (math.inf, -math.inf))):
+        raise ValueError(f"{what or 'Invalid ' + name}: {value!r} ({name} must be a finite real number)")
     if value < low or (high is not None and (value >= high if high_open else value > high)):
         bound = f"[{low}, {high})" if high_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
-        raise ValueError(f"Invalid {name}: {value} (must be in {bound})")
+        raise ValueError(f"{what or 'Invalid ' + name}: {value} ({name} must be in {bound})")
+    return value
+
+
+def _check_int(name, value, low):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
 
 
 class AdamW8bit(torch.optim.Optimizer):
     r"""AdamW with 8-bit blockwise state (``torch.optim.AdamW`` semantics, decoupled weight decay).
 
-    Args (shared with ``torch.optim.AdamW``, same defaults):
-        params, lr=1e-3 (float or 1-element tensor), betas=(0.9, 0.999), eps=1e-8,
-        weight_decay=1e-2, amsgrad=False, maximize=False, foreach=None, fused=None (the last two are
-        passed to torch's AdamW for the parameters kept in fp32 state).
+    Args (shared with ``torch.optim.AdamW``, same defaults; everything after ``amsgrad`` is keyword-only,
+    as in torch):
+        params, lr=1e-3 (float, 1-element tensor, or a callable of the update count), betas=(0.9, 0.999)
+        (floats or 1-element tensors), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
+        foreach=None, fused=None (the last two go to torch's AdamW for the parameters kept in full-precision
+        state), capturable=False, differentiable=False (True is refused: see the README).
+
+    bitsandbytes' calls: a 7th to 9th positional argument is bitsandbytes' ``optim_bits``, ``args``,
+    ``min_8bit_size``; ``optim_bits``, ``is_paged``, ``percentile_clipping``, ``block_wise``, ``max_unorm``,
+    ``skip_zeros`` are taken by name, and ``GlobalOptimManager`` overrides are honoured (``lowbit_adamw.bnb_compat``).
 
     Keyword-only:
         bits: width of the moment codes, 8 (default, 2.03 bytes of state per parameter) or 4 (1.06 bytes;
@@ -47,7 +86,10 @@ class AdamW8bit(torch.optim.Optimizer):
             128 at 4 bits).
         min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
         bias_correction: apply Adam's bias correction (MLX calls it ``bias_correction``; default True).
-        stochastic_rounding: write 16-bit parameters with stochastic rounding (default False).
+        stochastic_rounding: write 16-bit parameters with stochastic rounding (default False), from
+            counter-based random numbers (``lowbit_adamw.rng``) that every backend computes alike.
+        seed: the seed of those numbers (default: ``torch.initial_seed()``, so ``torch.manual_seed``
+            makes runs repeatable without drawing from torch's generator); saved in the state dict.
         backend: ``"auto"`` (Triton for CUDA tensors when available; on the CPU the C++ step, built at
             first use when a C++ compiler is found, else the torch.compile'd step, else eager PyTorch),
             ``"torch"`` (eager), ``"compiled"``, ``"cpp"`` or ``"triton"``. Also settable with the
@@ -55,25 +97,25 @@ class AdamW8bit(torch.optim.Optimizer):
         nonfinite: what a gradient with NaN/Inf does. ``"skip"`` (default): each quantization block
             whose gradient holds NaN/Inf keeps its parameter values and state exactly as they were
             (a tensor in fp32 state: the whole tensor), the rest updates, inside the step's own pass and
-            without a host sync; a warning names the tensors (on the CPU at once, on a GPU at the next
-            ``step()`` or ``state_dict()``), and ``opt.nonfinite_skipped`` totals them.
-            ``"raise"``: a checking pass raises before anything is updated. ``"ignore"``: no check
-            (NaN then propagates into that tensor's parameter and state, as in torch).
+            without a host sync; such blocks do not count in ``max_grad_norm``/``clip_norm``; a warning
+            names the tensors and ``opt.nonfinite_skipped`` totals them. ``"raise"``: a checking pass
+            over every group raises before anything is updated. ``"ignore"``: no check (NaN then
+            propagates into that tensor's parameter and state, as in torch).
         fp32_state: parameters, modules or module types whose parameters keep fp32 state
             (e.g. ``fp32_state=[nn.Embedding]`` with ``model=model``, or ``fp32_state=[model.embed]``).
         model: the model to search when ``fp32_state`` names module types.
+        clip_value, clip_norm, max_grad_norm, loss_scale, accumulation_steps, ema_decay,
+        ema_overwrite_frequency: see the README (Keras/MLX options).
         step_in_backward: update each parameter during ``backward()``, as soon as its gradient is
-            complete, and free the gradient right away, so only a few layers' gradients are ever alive
-            (torchtune's ``optimizer_in_bwd``, natively: parameters whose gradients are ready join a
-            pending bucket, stepped as one fused call when it reaches ``step_in_backward_bucket_mb`` of
-            gradients and at the end of backward). ``step(closure)`` then only runs the closure and
-            ``zero_grad()`` does nothing. Single device only; ``max_grad_norm`` and
-            ``accumulation_steps > 1`` are refused (they need all gradients at once), and so is
-            GradScaler, at its first step. Per-tensor ``clip_norm``/``clip_value``, schedulers, EMA,
-            the non-finite rule, weight tying, activation checkpointing and checkpoints all work.
+            complete, and free the gradient right away (``lowbit_adamw.in_backward``). Single device
+            only; ``max_grad_norm`` and ``accumulation_steps > 1`` are refused (they need all gradients
+            at once), and so is GradScaler, at its first step.
         step_in_backward_bucket_mb: gradient megabytes that trigger a bucket's step (default 64).
 
     Param groups may set any of the hyper-parameters above plus ``fp32_state=True`` for the whole group.
+    Parameters: float32, bfloat16, float16 and complex64 get quantized state; float64 and complex128
+    keep full-precision state in their own dtype (as torch's AdamW). Any layout: dense tensors with any
+    strides (``channels_last``) are stepped in memory order and keep their layout.
     """
 
     def __init__(
@@ -84,15 +126,19 @@ class AdamW8bit(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
+        *bnb_positional,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
-        *,
+        decoupled_weight_decay: bool = True,
         block_size: int | None = None,
         min_8bit_size: int = 4096,
         bits: int = 8,
         bias_correction: bool = True,
         stochastic_rounding: bool = False,
+        seed: int | None = None,
         backend: str | None = None,
         nonfinite: str = "skip",
         fp32_state: Iterable | None = None,
@@ -106,80 +152,133 @@ class AdamW8bit(torch.optim.Optimizer):
         ema_overwrite_frequency: int | None = None,
         step_in_backward: bool = False,
         step_in_backward_bucket_mb: float = 64.0,
+        optim_bits: int | None = None,
+        args=None,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        max_unorm: float = 0.0,
+        skip_zeros: bool = False,
     ):
+        if bnb_positional:
+            extra = bnb_compat.positional_kwargs(bnb_positional)
+            optim_bits = extra.get("optim_bits", optim_bits)
+            args = extra.get("args", args)
+            min_8bit_size = extra.get("min_8bit_size", min_8bit_size)
+        all_fp32 = bnb_compat.check_options(optim_bits, args, percentile_clipping, block_wise, is_paged, max_unorm, skip_zeros)
+        if differentiable:
+            raise ValueError("differentiable=True is not supported: quantizing the moments is not differentiable. Use "
+                             "torch.optim.AdamW(differentiable=True) to differentiate through the step")
+        if capturable:
+            raise ValueError("capturable=True is not supported: the step uploads per-step tables from the host, which a "
+                             "CUDA graph would replay stale. torch.compile(opt.step, fullgraph=True) traces it as one op "
+                             "per bucket; leave capturable=False")
+        if not decoupled_weight_decay:
+            raise ValueError("decoupled_weight_decay=False (Adam's L2 penalty) is not supported: AdamW8bit is AdamW")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         backend = backend or os.environ.get("LOWBIT_ADAMW_BACKEND", "auto")
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        _check_int("accumulation_steps", accumulation_steps, 1)
+        _check_int("min_8bit_size", min_8bit_size, 0)
         if max_grad_norm is not None:
             _check_scalar("max_grad_norm", max_grad_norm, 0.0)
         if ema_decay is not None:
             _check_scalar("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         if ema_overwrite_frequency is not None and (ema_decay is None or not isinstance(ema_overwrite_frequency, int)
-                                                    or ema_overwrite_frequency < 1):
+                                                    or isinstance(ema_overwrite_frequency, bool) or ema_overwrite_frequency < 1):
             raise ValueError("ema_overwrite_frequency needs ema_decay and must be an int >= 1")
-        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            block_size=block_size,
-            bits=bits,
-            min_8bit_size=min_8bit_size,
-            bias_correction=bias_correction,
-            stochastic_rounding=stochastic_rounding,
-            fp32_state=False,
-            clip_value=clip_value,
-            clip_norm=clip_norm,
-            loss_scale=loss_scale,
-        )
-        self._validate_group(defaults)
-        self.backend = backend
-        self.nonfinite = nonfinite
-        self.max_grad_norm = max_grad_norm
-        self.accumulation_steps = accumulation_steps
-        self.ema_decay = ema_decay
-        self.ema_overwrite_frequency = ema_overwrite_frequency
-        self._calls = 0  # step() calls, for accumulation
-        self._updates = 0  # applied updates, the step a callable lr receives
-        self._accum_grad_ids: dict[int, int] = {}
-        self._fp32_forced: set[int] = set()
-        self._plans: dict[tuple, dict] = defaultdict(dict)  # kernel tables per bucket, see kernel_launch
-        self._nonfinite_pending: list[tuple] = []  # (counts, labels, block size or None, event) not yet read, see _report_nonfinite
-        self._nonfinite_totals: dict[str, int] = {}
+        if seed is not None:
+            _check_int("seed", seed, 0)
+        # inf: one bucket, stepped at the end of backward
+        bucket_mb = _check_scalar("step_in_backward_bucket_mb", step_in_backward_bucket_mb, 0.0, allow_inf=True)
         if step_in_backward:
-            _check_scalar("step_in_backward_bucket_mb", step_in_backward_bucket_mb, 0.0)
+            if bucket_mb <= 0:
+                raise ValueError(f"step_in_backward_bucket_mb must be > 0, got {step_in_backward_bucket_mb!r}")
             if max_grad_norm is not None:
                 raise ValueError("step_in_backward=True cannot apply max_grad_norm: a global norm needs every gradient "
                                  "before the first update. Use clip_norm (per tensor) or clip_value, or step_in_backward=False")
             if accumulation_steps > 1:
                 raise ValueError("step_in_backward=True updates in every backward, so it cannot accumulate gradients "
                                  "(accumulation_steps > 1): use a larger batch, or step_in_backward=False")
-        self.step_in_backward = step_in_backward
-        self._bucket_cap = int(step_in_backward_bucket_mb * 2**20)
-        self._ready: list[torch.Tensor] = []  # parameters whose gradient is complete and not yet stepped
-        self._ready_bytes = 0
-        self._end_of_backward_queued = False
-        self._grad_hooks: list = []
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+            capturable=False, differentiable=False, fused=fused, decoupled_weight_decay=True,
+            block_size=block_size, bits=bits, min_8bit_size=min_8bit_size, bias_correction=bias_correction,
+            stochastic_rounding=stochastic_rounding, fp32_state=bool(all_fp32), clip_value=clip_value, clip_norm=clip_norm,
+            loss_scale=loss_scale,
+        )
+        self._validate_group(dict(defaults, block_size=block_size or fmt.default_block_size(bits)))
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.max_grad_norm = max_grad_norm
+        self.accumulation_steps = accumulation_steps
+        self.ema_decay = ema_decay
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.step_in_backward = bool(step_in_backward)
+        self._bucket_bytes = int(min(bucket_mb, 2.0**40) * 2**20)
+        self.seed = (torch.initial_seed() & 0xFFFFFFFF) if seed is None else seed
+        self._calls = 0  # step() calls, for accumulation
+        self._updates = 0  # applied updates, the step a callable lr receives
+        self._fp32_forced: dict = {}  # parameter -> True (keyed by the tensor, so copies of the optimizer map it)
+        self._min_size_override: dict = {}  # parameter -> min_8bit_size (bitsandbytes' per-parameter overrides)
+        self._layouts: dict = {}  # parameter -> (bits, block_size) its quantized state was written with
+        self._reporter = NonfiniteReporter()
+        self._init_runtime()
         super().__init__(params, defaults)
+        for p, config in bnb_compat.manager_overrides(self.param_groups).items():
+            if config.get("optim_bits") == 32:
+                self._fp32_forced[p] = True
+            if "min_8bit_size" in config:
+                self._min_size_override[p] = _check_int("min_8bit_size (GlobalOptimManager override)", config["min_8bit_size"], 0)
         if fp32_state is not None:
             self.force_fp32_state(*fp32_state, model=model)
+
+    def _init_runtime(self) -> None:
+        """What a copy of the optimizer rebuilds instead of copying: caches, hooks, pending buckets."""
+        self._cache_ids: dict = {}  # (group index, device, dtype) -> id of its Triton plan cache (lowbit_adamw.ops)
+        self._resolved_backends: dict = {}  # device -> the backend "auto" (or the choice) means there
+        weakref.finalize(self, ops.drop_plan_caches, self._cache_ids.values())
+        self._in_backward = InBackward(self._step_in_backward_params, getattr(self, "_bucket_bytes", 64 << 20),
+                                       self._finish_update) if self.step_in_backward else None
+        self._warned_no_triton = False
+
+    # ---- copies: deepcopy, pickle, torch.save ----------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["lowbit_adamw"] = {k: getattr(self, k) for k in _PERSISTENT}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        extra = state.pop("lowbit_adamw", None)
+        super().__setstate__(state)
+        if extra is None:  # pickled by torch's base class (an older lowbit_adamw): the defaults of a fresh optimizer
+            extra = dict(backend="auto", nonfinite="skip", max_grad_norm=None, accumulation_steps=1, ema_decay=None,
+                         ema_overwrite_frequency=None, step_in_backward=False, _bucket_bytes=64 << 20, seed=0, _calls=0,
+                         _updates=0, _fp32_forced={}, _min_size_override={}, _layouts={}, _reporter=NonfiniteReporter())
+        for k, v in extra.items():
+            setattr(self, k, v)
+        if isinstance(self._reporter, dict):  # NonfiniteReporter's own getstate
+            r = NonfiniteReporter()
+            r.totals = dict(self._reporter.get("totals", {}))
+            self._reporter = r
+        self._init_runtime()
+        if self.step_in_backward:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._in_backward.attach(p)
 
     # ---- groups and validation ----------------------------------------------------------------
 
     @staticmethod
     def _validate_group(group: dict) -> None:
-        if not callable(group["lr"]):
-            _check_scalar("lr", group["lr"], 0.0)
+        lr = group["lr"]
+        if not callable(lr):
+            _check_scalar("lr", lr, 0.0, what="Invalid learning rate")
         for key in ("clip_value", "clip_norm", "loss_scale"):
             if group.get(key) is not None:
                 _check_scalar(key, group[key], 0.0)
@@ -187,33 +286,60 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError("loss_scale must be > 0 (gradients are divided by it)")
         if group.get("clip_value") is not None and group.get("clip_norm") is not None:
             raise ValueError("clip_value and clip_norm are exclusive (as Keras' clipvalue / clipnorm): set one")
-        _check_scalar("eps", group["eps"], 0.0)
-        _check_scalar("weight_decay", group["weight_decay"], 0.0)
+        _check_scalar("eps", group["eps"], 0.0, what="Invalid epsilon value")
+        _check_scalar("weight_decay", group["weight_decay"], 0.0, what="Invalid weight_decay value")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_scalar("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check_scalar("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i in (0, 1):
+            _check_scalar(f"betas[{i}]", betas[i], 0.0, 1.0, high_open=True, what=f"Invalid beta parameter at index {i}")
+        for key in ("amsgrad", "maximize", "bias_correction", "stochastic_rounding", "fp32_state"):
+            if not isinstance(group.get(key, False), (bool, int)) or isinstance(group.get(key), float):
+                raise ValueError(f"{key} must be True or False, got {group.get(key)!r}")
+        if group.get("differentiable"):
+            raise ValueError("differentiable=True is not supported (quantized moments are not differentiable)")
         fmt.check_bits(group["bits"])
         if group["block_size"] is not None:  # None (the constructor default): resolved per group by its width
             fmt.check_block_size(group["block_size"])
+        _check_int("min_8bit_size", group["min_8bit_size"], 0)
 
     def add_param_group(self, param_group: dict) -> None:
+        """As torch's; the group (its hyper-parameters and parameters) is checked before it is kept, so
+        a refused group leaves the optimizer as it was."""
         if isinstance(param_group, dict) and param_group.get("block_size", self.defaults["block_size"]) is None:
             param_group = dict(param_group, block_size=fmt.default_block_size(param_group.get("bits", self.defaults["bits"])))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
-        for i, p in enumerate(group["params"]):
-            label = self._label(group, i, p)
-            if self.step_in_backward:
-                self._check_single_device(p, label)
-                if p.requires_grad:
-                    self._grad_hooks.append(p.register_post_accumulate_grad_hook(self._gradient_ready))
-            if p.is_complex():
-                raise TypeError(f"{label}: complex parameters are not supported; optimize torch.view_as_real(param) instead")
-            if not p.is_floating_point() or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"{label}: dtype {p.dtype} is not supported (use float32, bfloat16 or float16)")
+        try:
+            self._validate_group(group)
+            for i, p in enumerate(group["params"]):
+                label = self._label(group, i, p)
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(f"{label}: dtype {p.dtype} is not supported (use float32, bfloat16, float16, float64 "
+                                    "or a complex type)")
+                if self.step_in_backward:
+                    check_single_device(p, label)
+            self._check_aliasing()
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if self.step_in_backward:
+            for p in group["params"]:
+                self._in_backward.attach(p)
+
+    def _check_aliasing(self) -> None:
+        """Two parameters that share memory would be updated at once by the step's threads (and twice):
+        refused. The same tensor twice is what torch warns about and steps twice; that is done in order."""
+        entries = [(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])]
+        pairs = layout.overlapping_pairs([sharding.local(p) for _, _, p in entries])
+        if pairs:
+            a, b = pairs[0]
+            raise ValueError(
+                f"{self._label(entries[a][0], entries[a][1], entries[a][2])} and "
+                f"{self._label(entries[b][0], entries[b][1], entries[b][2])} are views of the same memory: the optimizer "
+                "would update the shared elements twice. Optimize the tensor they are views of, or give each its own storage")
 
     @staticmethod
     def _label(group: dict, index: int, p: torch.Tensor) -> str:
@@ -238,17 +364,24 @@ class AdamW8bit(torch.optim.Optimizer):
             else:
                 raise TypeError(f"fp32_state items must be parameters, modules or module types, got {type(item).__name__}")
         for p in params:
-            self._fp32_forced.add(id(p))
+            self._fp32_forced[p] = True
             state = self.state.get(p)
             if state and "exp_avg_codes" in state:
-                group = self._group_of(p)
-                for name in fmt.QUANTIZED_MOMENTS:
-                    if name + "_codes" in state:
-                        codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
-                        full = fmt.dequantize_blockwise(sharding.local(codes).reshape(-1), sharding.local(absmax).reshape(-1),
-                                                        fmt.is_signed(name), group["block_size"], group["bits"],
-                                                        numel=sharding.local(p).numel())
-                        state[name] = sharding.like(p, full.view_as(sharding.local(p)), p.shape)
+                self._dequantize_state(p, state)
+
+    def _dequantize_state(self, p, state) -> None:
+        bits, block = self._layouts.get(p, (self._group_of(p)["bits"], self._group_of(p)["block_size"]))
+        loc = layout.real_view(sharding.local(p))
+        order = layout.element_order(sharding.local(p))
+        for name in fmt.QUANTIZED_MOMENTS:
+            if name + "_codes" in state:
+                codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
+                flat = fmt.dequantize_blockwise(sharding.local(codes).reshape(-1), sharding.local(absmax).reshape(-1),
+                                                fmt.is_signed(name), block, bits, numel=loc.numel())
+                full = torch.empty_like(sharding.local(p), dtype=checkpoint.full_state_dtype(p))
+                layout.real_view(full).copy_(layout.from_order(flat, loc.shape, order))
+                state[name] = sharding.like(p, full, p.shape)
+        self._layouts.pop(p, None)
 
     def _group_of(self, p):
         for g in self.param_groups:
@@ -257,17 +390,18 @@ class AdamW8bit(torch.optim.Optimizer):
         raise KeyError("parameter is not in this optimizer")
 
     def _wants_8bit(self, p: torch.Tensor, group: dict) -> bool:
-        return (not group["fp32_state"] and id(p) not in self._fp32_forced and p.numel() >= group["min_8bit_size"]
-                and sharding.can_quantize(p, group["block_size"]))
+        if p.dtype not in QUANTIZABLE_DTYPES or group["fp32_state"] or p in self._fp32_forced:
+            return False
+        min_size = self._min_size_override.get(p, group["min_8bit_size"])
+        return layout.real_view(p).numel() >= min_size and sharding.can_quantize(p, group["block_size"])
 
-    def _init_state(self, p: torch.Tensor, group: dict, label: str) -> dict:
-        if not p.is_contiguous():
-            raise ValueError(f"{label} is not contiguous; call .data = param.data.contiguous() before creating the optimizer")
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         names = state_names(group["amsgrad"])
         if self._wants_8bit(p, group):
             block, bits = group["block_size"], group["bits"]
+            numel = layout.real_view(sharding.local(p)).numel()
             for name in names:
                 # The code of zero; at 4 bits both nibbles of a byte hold it.
                 zero = fmt.m_zero_code(bits) * (1 if bits == 8 else 17) if fmt.is_signed(name) else fmt.V_ZERO_CODE
@@ -280,15 +414,21 @@ class AdamW8bit(torch.optim.Optimizer):
                     state[name + "_codes"] = sharding.like(p, codes, sharding.codes_shape(p, bits))
                     state[name + "_absmax"] = sharding.like(p, absmax, sharding.absmax_shape(p, block))
                 else:
-                    state[name + "_codes"] = torch.full((fmt.codes_numel(p.numel(), bits),), zero, dtype=torch.uint8, device=p.device)
-                    state[name + "_absmax"] = torch.zeros(fmt.num_blocks(p.numel(), block), dtype=torch.float32, device=p.device)
+                    state[name + "_codes"] = torch.full((fmt.codes_numel(numel, bits),), zero, dtype=torch.uint8, device=p.device)
+                    state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=p.device)
+            self._layouts[p] = (bits, block)
         else:
-            dtype = torch.float32
             for name in names:
-                state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state[name] = torch.zeros_like(p, dtype=checkpoint.full_state_dtype(p), memory_format=torch.preserve_format)
         return state
 
-    def _check_grad(self, p, g, label):
+    def _ema_state(self, p: torch.Tensor) -> torch.Tensor:
+        # fp32 (16-bit weights would stall a slow average); float64/complex weights keep their own dtype
+        ema = torch.empty_like(p, dtype=checkpoint.full_state_dtype(p))
+        return ema.copy_(p.detach())
+
+    def _check_grad(self, p, label):
+        g = p.grad
         if g.is_sparse:
             raise RuntimeError(f"{label} has a sparse gradient; AdamW8bit does not support sparse gradients (use nn.Embedding(sparse=False) or torch.optim.SparseAdam)")
         if g.device != p.device:
@@ -311,7 +451,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
             if triton_available():
                 return "triton"
-            if not getattr(self, "_warned_no_triton", False):
+            if not self._warned_no_triton:
                 self._warned_no_triton = True
                 warnings.warn("AdamW8bit: Triton is not importable, CUDA parameters use the slower PyTorch step "
                               "(pip install triton)", RuntimeWarning, stacklevel=4)
@@ -319,53 +459,145 @@ class AdamW8bit(torch.optim.Optimizer):
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def _finite_mask(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[bool]:
-        """nonfinite="raise": one checking pass and one host sync (the default rule needs neither)."""
-        grads = [sharding.local(g) for g in grads]
-        nonempty = [g for g in grads if g.numel()]
-        # min and max of each gradient: NaN propagates through both, +Inf shows in the max and -Inf in the min.
-        if nonempty:
-            lo, hi = zip(*(torch.aminmax(g) for g in nonempty))
-            finite = iter((torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack(hi))).tolist())
-        else:
-            finite = iter([])
-        flags = torch.tensor([next(finite) if g.numel() else True for g in grads], dtype=torch.bool)
-        # Sharded tensors: raise on every rank or on none, or the ranks part ways in the next collective.
-        return sharding.all_ranks_agree_finite(flags, params).tolist()
-
-    def _report_nonfinite(self, wait: bool) -> None:
-        """Warn about the blocks the last steps left untouched. Counts are read only once their copy to
-        the host has finished (``wait=False``: never blocks) or after waiting for it (``wait=True``)."""
-        still = []
-        for counts, labels, block, event in self._nonfinite_pending:
-            if event is not None and not wait and not event.query():
-                still.append((counts, labels, block, event))
-                continue
-            if event is not None:
-                event.synchronize()
-            bad = [(label, n) for label, n in zip(labels, counts.tolist()) if n]
-            for label, n in bad:
-                self._nonfinite_totals[label] = self._nonfinite_totals.get(label, 0) + n
-            if bad:
-                what = ", ".join(label if block is None else f"{label} ({n} block{'s' if n > 1 else ''} of {block})" for label, n in bad)
-                warnings.warn(f"AdamW8bit: left unchanged where the gradient has NaN or Inf: {what}", RuntimeWarning, stacklevel=4)
-        self._nonfinite_pending = still
-
     @property
     def nonfinite_skipped(self) -> dict[str, int]:
         """Per parameter label, how many blocks (or whole fp32-state tensors) were left unchanged for a
         non-finite gradient so far. Reading it waits for the counts of the last step."""
-        self._report_nonfinite(wait=True)
-        return dict(self._nonfinite_totals)
+        self._reporter.report(wait=True)
+        return dict(self._reporter.totals)
 
     # GradScaler's fused path: it sets ``grad_scale`` and ``found_inf`` on the optimizer instead of
     # unscaling the gradients itself; the step unscales inside its single pass and skips on inf.
     _step_supports_amp_scaling = True
 
+    def _group_scalars(self, index: int, group: dict) -> dict:
+        """The group's hyper-parameters for this step, as Python numbers, checked (phase one). A tensor
+        ``lr`` is handed to the op as the tensor (``lr_tensor``), so a scheduler that fills it in place
+        never changes a compiled graph; it is checked here when not compiling, else by the op."""
+        beta1, beta2 = group["betas"]
+        lr, lr_tensor = group["lr"], None
+        if callable(lr):  # Keras: a schedule or callable learning rate, called with the number of updates
+            lr = lr(self._updates)
+            where = f"param group {index}: its lr callable returned {lr!r} at update {self._updates}"
+            if isinstance(lr, torch.Tensor):
+                if lr.numel() != 1:
+                    raise ValueError(f"{where}; it must return one number")
+                lr = lr.item()
+            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+                raise ValueError(f"{where}; a learning rate must be finite and >= 0")
+        elif isinstance(lr, torch.Tensor):
+            lr_tensor, lr = lr, 0.0
+            if not torch.compiler.is_compiling():
+                ops.check_lr(lr_tensor, f"param group {index}")
+        return dict(lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), clip_value=ops.clip_value_arg(group.get("clip_value")),
+                    amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
+                    bias_correction=bool(group["bias_correction"]), stochastic_rounding=bool(group["stochastic_rounding"]),
+                    skip_nonfinite=self.nonfinite == "skip")
+
+    def _step_scalars(self, group: dict):
+        """The group's hyper-parameters for this step as a ``StepScalars`` (what the backends take)."""
+        from .step_spec import StepScalars
+
+        sc = self._group_scalars(self._group_index(group), group)
+        lr_tensor = sc.pop("lr_tensor")
+        return StepScalars(**dict(sc, lr=float(lr_tensor) if lr_tensor is not None else sc["lr"]))
+
+    def _init_group(self, group, only, params, grads, labels, tensor_ids):
+        """Phase one for a group: new state, EMA buffers, re-encoding of state whose width or block size
+        the group changed; collects the parameters that have gradients. (torch.compile runs a method of
+        this name eagerly, with the real tensors, instead of tracing it.)"""
+        base_id = sum(len(g["params"]) for g in self.param_groups[: self._group_index(group)])
+        for i, p in enumerate(group["params"]):
+            if p.grad is None or (only is not None and p not in only):
+                continue
+            label = self._label(group, i, p)
+            state = self.state[p]
+            if not state:
+                state = self._init_state(p, group)
+            else:
+                self._convert_if_relaid(p, group, state, label)
+            if group["amsgrad"] and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
+                raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
+            if group["amsgrad"] and "exp_avg_sq" in state and "max_exp_avg_sq" not in state:
+                raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
+            if self.ema_decay is not None and "ema" not in state:  # new state, or a checkpoint saved without EMA
+                state["ema"] = self._ema_state(sharding.local(p)) if not sharding.is_dtensor(p) else \
+                    sharding.like(p, self._ema_state(sharding.local(p)), p.shape)
+            params.append(p)
+            grads.append(p.grad)
+            labels.append(label)
+            tensor_ids.append(base_id + i)
+            dev = sharding.local(p).device
+            if (self.backend, str(dev)) not in self._resolved_backends:
+                self._resolved_backends[(self.backend, str(dev))] = self._resolve_backend(dev)
+            gi = self._group_index(group)
+            self._cache_id(gi, dev, sharding.local(p).dtype)
+            self._reporter.prepare((gi, str(dev)), dev, [self._label(group, j, q) for j, q in enumerate(group["params"])])
+
+    def _group_index(self, group) -> int:
+        for i, g in enumerate(self.param_groups):
+            if g is group:
+                return i
+        raise KeyError("param group is not in this optimizer")
+
+    def _convert_if_relaid(self, p, group, state, label) -> None:
+        """A group whose ``bits`` or ``block_size`` changed after its state was written: re-encode the
+        state for the new layout (dequantize with the old, quantize with the new) instead of reading old
+        codes with the new layout."""
+        if "exp_avg_codes" not in state:
+            return
+        old = self._layouts.get(p)
+        new = (group["bits"], group["block_size"])
+        if old is None or old == new:
+            return
+        if sharding.is_dtensor(p):
+            raise ValueError(f"{label}: the group's bits/block_size changed from {old} to {new} after training started; "
+                             "a sharded state cannot be re-encoded in place. Restore the group's settings")
+        warnings.warn(f"AdamW8bit: {label}: the group's (bits, block_size) changed from {old} to {new}; its state is "
+                      "re-encoded (one extra rounding)", UserWarning, stacklevel=5)
+        numel = layout.real_view(p).numel()
+        for name in fmt.QUANTIZED_MOMENTS:
+            if name + "_codes" in state:
+                flat = fmt.dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"], fmt.is_signed(name), old[1],
+                                                old[0], numel=numel)
+                state[name + "_codes"], state[name + "_absmax"] = fmt.quantize_blockwise(flat, fmt.is_signed(name), new[1], new[0])
+        self._layouts[p] = new
+
+    def _state_list(self, state: dict, kind: str, amsgrad: bool) -> list[torch.Tensor]:
+        return [sharding.local(state[k]) for k in ops.state_per_param(kind, amsgrad, self.ema_decay is not None)]
+
+    def _cache_id(self, index: int, device, dtype) -> int:
+        key = (index, str(device), str(dtype))
+        if key not in self._cache_ids:
+            self._cache_ids[key] = ops.new_cache_id()
+        return self._cache_ids[key]
+
+    def _check_all_finite(self, groups_params) -> None:
+        """nonfinite="raise": one checking pass over every group's gradients before anything is updated."""
+        entries = [(p, label) for params, labels in groups_params for p, label in zip(params, labels)]
+        by_device = defaultdict(list)
+        for p, label in entries:
+            by_device[p.device].append((p, label))
+        for dev_entries in by_device.values():
+            grads = [sharding.local(p.grad) for p, _ in dev_entries]
+            nonempty = [g for g in grads if g.numel()]
+            finite = iter([])
+            if nonempty:  # min and max: NaN propagates through both, +Inf shows in the max and -Inf in the min
+                lo, hi = zip(*(torch.aminmax(layout.real_view(g)) for g in nonempty))
+                finite = iter((torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack(hi))).tolist())
+            flags = torch.tensor([next(finite) if g.numel() else True for g in grads], dtype=torch.bool)
+            # Sharded tensors: raise on every rank or on none, or the ranks part ways in the next collective.
+            flags = sharding.all_ranks_agree_finite(flags, [p for p, _ in dev_entries]).tolist()
+            bad = [label for (_, label), fine in zip(dev_entries, flags) if not fine]
+            if bad:
+                raise FloatingPointError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; nothing was updated")
+
     @torch.no_grad()
     def step(self, closure=None):
-        if self._nonfinite_pending:
-            self._report_nonfinite(wait=False)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._reporter.pending:
+            self._reporter.report(wait=False)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if self.step_in_backward and grad_scale is not None:
             raise RuntimeError("step_in_backward=True cannot be used with GradScaler: the update happens during "
@@ -381,8 +613,9 @@ class AdamW8bit(torch.optim.Optimizer):
             if grad_scale is not None:
                 raise RuntimeError("accumulation_steps > 1 with GradScaler: the scale can change between micro-steps. "
                                    "Accumulate in the training loop instead (call scaler.step every N micro-batches)")
+            if not compiling:
+                self._check_accumulation(self._calls + 1)
             self._calls += 1
-            self._check_accumulation()
             if self._calls % self.accumulation_steps:
                 return loss  # gradients keep accumulating in .grad; zero_grad() waits for the update
         if found_inf is not None and float(found_inf) != 0.0:
@@ -390,17 +623,131 @@ class AdamW8bit(torch.optim.Optimizer):
         base_mul = 1.0 / self.accumulation_steps
         if grad_scale is not None:
             base_mul /= float(grad_scale)
-        global_mul = self._global_norm_multiplier(base_mul) if self.max_grad_norm is not None else 1.0
-        for group in self.param_groups:
-            self._step_group(group, base_mul * global_mul)
+        self._step_params(None, base_mul)
         self._finish_update()
         return loss
 
+    def _step_params(self, only, base_mul: float = 1.0) -> None:
+        """Both phases over the parameters with gradients (``only``: a set of them, for the step in backward)."""
+        # Phase one: nothing is written until everything is computed and checked.
+        scalars = [self._group_scalars(i, g) for i, g in enumerate(self.param_groups)]
+        collected = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and (only is None or p in only):
+                    self._check_grad(p, self._label(group, i, p))
+        if self.nonfinite == "raise":
+            probe = [([p for p in g["params"] if p.grad is not None and (only is None or p in only)],
+                      [self._label(g, i, p) for i, p in enumerate(g["params"]) if p.grad is not None and (only is None or p in only)])
+                     for g in self.param_groups]
+            self._check_all_finite(probe)
+        for group in self.param_groups:
+            params, grads, labels, tensor_ids = [], [], [], []
+            self._init_group(group, only, params, grads, labels, tensor_ids)
+            collected.append((params, grads, labels, tensor_ids))
+        bases = [sum(len(g["params"]) for g in self.param_groups[:i]) for i in range(len(self.param_groups))]
+        work = []  # (group index, kind, device, dtype, round, [entry indices]) per bucket
+        entries = []  # (group index, param, grad, label, tensor id, kind)
+        for gi, (group, (params, grads, labels, tensor_ids)) in enumerate(zip(self.param_groups, collected)):
+            seen: dict = {}
+            buckets: dict = {}
+            for p, g, label, tid in zip(params, grads, labels, tensor_ids):
+                kind = ops.KIND_QUANTIZED if "exp_avg_codes" in self.state[p] else ops.KIND_FULL
+                rnd = seen.get(p, 0)  # the same tensor twice: a second, later round (torch steps it twice)
+                seen[p] = rnd + 1
+                key = (kind, str(p.device), str(p.dtype), rnd)
+                buckets.setdefault(key, []).append(len(entries))
+                entries.append((gi, p, g, label, tid, kind, tid - bases[gi]))  # the last: its position in the group
+            for key in sorted(buckets, key=lambda k: k[3]):
+                work.append((gi, key, buckets[key]))
+        if not entries:
+            return
+        multiplier = self._clip_multipliers(entries, base_mul) if self._clips() else None
+        # Phase two: one op per bucket.
+        for gi, (kind, _dev, _dtype, _rnd), idx in work:
+            group, sc = self.param_groups[gi], scalars[gi]
+            quantized = kind == ops.KIND_QUANTIZED
+            ps = [entries[i][1] for i in idx]
+            local_ps = [sharding.local(p) for p in ps]
+            nonempty = [j for j, lp in enumerate(local_ps) if lp.numel() > 0 and lp.device.type != "meta"]
+            for j, lp in enumerate(local_ps):
+                # An empty shard: nothing to update, but keep step counts equal on all ranks. Meta tensors
+                # hold no values: only the count moves (the op's meta kernel is its shape function).
+                if lp.numel() == 0 or lp.device.type == "meta":
+                    self.state[ps[j]]["step"] += 1
+            if not nonempty:
+                continue
+            sel = [idx[j] for j in nonempty]
+            ps = [ps[j] for j in nonempty]
+            states = [self.state[p] for p in ps]
+            host_mul = base_mul / float(group["loss_scale"]) if group.get("loss_scale") is not None else base_mul
+            counts = ops.step_(
+                [sharding.local(p) for p in ps], [sharding.local(entries[i][2]) for i in sel],
+                [t for s in states for t in self._state_list(s, kind, sc["amsgrad"])], [s["step"] for s in states],
+                None if multiplier is None else multiplier[sel], [host_mul] * len(ps),
+                [] if self.ema_decay is None else [float(self.ema_decay)] * len(ps), [entries[i][4] for i in sel],
+                kind, self._resolved_backends[(self.backend, str(local_ps[nonempty[0]].device))] if quantized else "torch",
+                sc["lr"], sc["lr_tensor"], sc["beta1"], sc["beta2"], sc["eps"], sc["weight_decay"], sc["clip_value"], sc["amsgrad"],
+                sc["maximize"], sc["bias_correction"], sc["stochastic_rounding"], sc["skip_nonfinite"],
+                int(group["block_size"]), int(group["bits"]), int(self.seed), group["foreach"], group["fused"],
+                self._cache_ids[(gi, str(local_ps[nonempty[0]].device), str(local_ps[nonempty[0]].dtype))],
+            )
+            if sc["skip_nonfinite"]:
+                self._reporter.add(counts, tuple(entries[i][3] for i in sel), int(group["block_size"]) if quantized else None,
+                                   key=(gi, str(local_ps[nonempty[0]].device)), positions=[entries[i][6] for i in sel])
+        if not torch.compiler.is_compiling() and self._reporter.pending and all(p[3] is None for p in self._reporter.pending):
+            self._reporter.report(wait=True)  # CPU only: the counts are already on the host
+
+    def _clips(self) -> bool:
+        return self.max_grad_norm is not None or any(g.get("clip_norm") is not None for g in self.param_groups)
+
+    def _clip_multipliers(self, entries, base_mul: float) -> torch.Tensor:
+        """The device multiplier of every entry (``lowbit_adamw.clipping``, through ``ops.clip_multipliers``)."""
+        flat, params, quantized, blocks, host, clip_norms = [], [], [], [], [], []
+        for gi, p, g, _label, _tid, kind, _pos in entries:
+            group = self.param_groups[gi]
+            lp, lg = layout.real_view(sharding.local(p)), layout.real_view(sharding.local(g))
+            if layout.is_dense(lp):
+                lg = layout.memory_order_view(lg if layout.is_dense(lg) and layout.same_layout(lp, lg)
+                                              else torch.empty_like(lp).copy_(lg))
+            flat.append(lg.reshape(-1))
+            params.append(p)
+            quantized.append(kind == ops.KIND_QUANTIZED)
+            blocks.append(int(group["block_size"]))
+            loss_scale = group.get("loss_scale")
+            host.append(base_mul / float(loss_scale) if loss_scale is not None else base_mul)
+            clip_norms.append(math.inf if group.get("clip_norm") is None else float(group["clip_norm"]))
+        if any(sharding.is_dtensor(p) for p in params):  # the norms all-reduce over the mesh: not inside an op
+            dev = flat[0].device
+            norms = torch.stack([clipping.applied_norms([f], [p], [q], [b], self.nonfinite == "skip")[0].to(dev)
+                                 for f, p, q, b in zip(flat, params, quantized, blocks)])
+            return clipping.multipliers(norms, torch.tensor(host, dtype=torch.float32).to(dev), self.max_grad_norm,
+                               [None if math.isinf(c) else c for c in clip_norms])
+        return ops.clip_multipliers(flat, [sharding.local(p) for p in params], quantized, blocks, self.nonfinite == "skip",
+                                    host, self.max_grad_norm, clip_norms)
+
     def _finish_update(self) -> None:
         self._updates += 1
-        self._accum_grad_ids.clear()
         if self.ema_overwrite_frequency and self._updates % self.ema_overwrite_frequency == 0:
             self.copy_ema_to_params()
+
+    def _check_accumulation(self, call: int) -> None:
+        # Accumulation lives in .grad; a new .grad object mid-accumulation means something else
+        # (model.zero_grad(), a framework) reset it and the earlier micro-batches are lost.
+        seen = getattr(self, "_accum_grad_ids", None)
+        if seen is None or call % self.accumulation_steps == 1 or self.accumulation_steps == 1:
+            seen = self._accum_grad_ids = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                before = seen.get(id(p))
+                if before is not None and before != id(p.grad):
+                    raise RuntimeError(
+                        "AdamW8bit(accumulation_steps>1): a gradient was reset between micro-steps (model.zero_grad()?). "
+                        "Call optimizer.zero_grad() only (it waits for the update), or accumulate in the training loop"
+                    )
+                seen[id(p)] = id(p.grad)
 
     @torch.no_grad()
     def copy_ema_to_params(self) -> None:
@@ -414,286 +761,53 @@ class AdamW8bit(torch.optim.Optimizer):
                 if ema is not None:
                     p.copy_(ema)
 
+    @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except between the micro-steps of ``accumulation_steps``: gradients must keep
         summing in ``.grad`` until the update, so it does nothing there. With ``step_in_backward`` the
         gradients are freed as they are used: nothing to do."""
+        if self._reporter.pending:
+            self._reporter.report(wait=False)
         if self.step_in_backward or (self.accumulation_steps > 1 and self._calls % self.accumulation_steps):
             return
         super().zero_grad(set_to_none=set_to_none)
 
     # ---- step in backward ------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_single_device(p: torch.Tensor, label: str) -> None:
-        import torch.distributed as dist
-
-        if sharding.is_dtensor(p) or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            raise ValueError(f"step_in_backward=True runs on a single device only ({label} is sharded or this process "
-                             "is one of several): under FSDP2 or DDP the gradients are reduced after backward. "
-                             "Use step_in_backward=False")
-
-    def _gradient_ready(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: ``p.grad`` is complete (all uses summed, weight tying included)."""
-        if not self._end_of_backward_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            self._end_of_backward_queued = True
-        self._ready.append(p)
-        self._ready_bytes += p.grad.numel() * p.grad.element_size()
-        if self._ready_bytes >= self._bucket_cap:
-            self._step_ready()
-
-    @torch.no_grad()
-    def _step_ready(self) -> None:
-        ready, self._ready, self._ready_bytes = self._ready, [], 0
-        ids = {id(p) for p in ready}
-        for group in self.param_groups:
-            if any(id(p) in ids for p in group["params"]):
-                self._step_group(group, only=ids)
-        for p in ready:
-            p.grad = None  # freed now, not at zero_grad(): the memory this mode is for
-
-    def _end_of_backward(self) -> None:
-        self._end_of_backward_queued = False
-        self._step_ready()
-        self._finish_update()
-
-    def _check_accumulation(self) -> None:
-        # Accumulation lives in .grad; a new .grad object mid-accumulation means something else
-        # (model.zero_grad(), a framework) reset it and the earlier micro-batches are lost.
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                seen = self._accum_grad_ids.get(id(p))
-                if seen is not None and seen != id(p.grad):
-                    raise RuntimeError(
-                        "AdamW8bit(accumulation_steps>1): a gradient was reset between micro-steps (model.zero_grad()?). "
-                        "Call optimizer.zero_grad() only (it waits for the update), or accumulate in the training loop"
-                    )
-                self._accum_grad_ids[id(p)] = id(p.grad)
-
-    def _grad_norms(self, grads) -> list[float]:
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-        norms = [n.full_tensor() if sharding.is_dtensor(n) else n for n in norms]
-        return torch.stack(norms).tolist() if norms else []  # one host sync
-
-    def _global_norm_multiplier(self, base_mul: float) -> float:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        total = math.sqrt(sum((base_mul * n) ** 2 for n in self._grad_norms(grads)))
-        # torch.nn.utils.clip_grad_norm_'s rule (Keras' global_clipnorm)
-        return min(1.0, self.max_grad_norm / (total + 1e-6))
-
-    def _step_scalars(self, group: dict) -> StepScalars:
-        beta1, beta2 = group["betas"]
-        lr = group["lr"](self._updates) if callable(group["lr"]) else group["lr"]  # Keras: a schedule or callable
-        return StepScalars(
-            lr=float(lr),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            amsgrad=bool(group["amsgrad"]),
-            maximize=bool(group["maximize"]),
-            bias_correction=bool(group["bias_correction"]),
-            stochastic_rounding=bool(group["stochastic_rounding"]),
-            clip_value=math.inf if group.get("clip_value") is None else float(group["clip_value"]),
-            skip_nonfinite=self.nonfinite == "skip",
-        )
-
-    def _step_group(self, group: dict, base_mul: float = 1.0, only: set | None = None) -> None:
-        """Step the group's parameters that have gradients (``only``: just those whose id is in it)."""
-        sc = self._step_scalars(group)
-        if group.get("loss_scale") is not None:
-            base_mul = base_mul / float(group["loss_scale"])
-        entries = []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None or (only is not None and id(p) not in only):
-                continue
-            label = self._label(group, i, p)
-            self._check_grad(p, p.grad, label)
-            entries.append((p, p.grad, label))
-        if not entries:
-            return
-        if self.nonfinite == "raise":
-            by_device = defaultdict(list)
-            for e in entries:
-                by_device[e[0].device].append(e)
-            for dev_entries in by_device.values():
-                ok = self._finite_mask([e[0] for e in dev_entries], [e[1] for e in dev_entries])
-                bad = [e[2] for e, fine in zip(dev_entries, ok) if not fine]
-                if bad:
-                    raise FloatingPointError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}")
-
-        buckets: dict[tuple, list] = defaultdict(list)
-        for p, g, label in entries:
-            state = self.state[p]
-            if not state:
-                state = self._init_state(p, group, label)
-            elif sc.amsgrad and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
-                raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
-            if self.ema_decay is not None and "ema" not in state:  # new state, or a checkpoint saved without EMA
-                state["ema"] = p.detach().to(torch.float32, copy=True)  # fp32: 16-bit weights would stall a slow average
-            kind = "8bit" if "exp_avg_codes" in state else "fp32"
-            # The step runs on rank-local tensors; for plain tensors these are the tensors themselves.
-            p, g, state = sharding.local(p), sharding.local(g), sharding.local_state(state)
-            if p.numel() == 0:  # an empty shard: nothing to update, but keep step counts equal on all ranks
-                state["step"] += 1
-                continue
-            buckets[(p.device, p.dtype, kind)].append((p, g, state, label))
-
-        for (device, _dtype, kind), items in buckets.items():
-            params = [x[0] for x in items]
-            grads = [x[1] for x in items]
-            states = [x[2] for x in items]
-            counts = torch.zeros(len(items), dtype=torch.int32, device=device) if sc.skip_nonfinite else None
-            muls = [base_mul] * len(params)
-            moms = None
-            if self.ema_decay is not None:  # Keras: the first update copies the weights into the average
-                moms = [0.0 if float(s["step"]) == 0 else float(self.ema_decay) for s in states]
-            if group.get("clip_norm") is not None:  # Keras' clipnorm: each tensor's norm at most clip_norm
-                c = float(group["clip_norm"])
-                muls = [base_mul * c / max(base_mul * n, c) if n > 0 else base_mul for n in self._grad_norms(grads)]
-            if kind == "8bit":
-                for s in states:
-                    s["step"] += 1
-                adamw8bit_step(
-                    params, grads, states, sc, block_size=group["block_size"], bits=group["bits"],
-                    backend=self._resolve_backend(device),
-                    plan_cache=self._plans[(id(group), device, _dtype)], grad_muls=muls, ema_moms=moms, bad_blocks=counts,
-                )
-            else:
-                fp32_state_step(params, grads, states, sc, foreach=group["foreach"], fused=group["fused"], grad_muls=muls,
-                                ema_moms=moms, bad_tensors=counts)
-            if counts is not None:
-                self._defer_nonfinite_report(counts, [x[3] for x in items], group["block_size"] if kind == "8bit" else None)
-        if self._nonfinite_pending and all(p[3] is None for p in self._nonfinite_pending):
-            self._report_nonfinite(wait=True)  # CPU only: the counts are already on the host
-
-    def _defer_nonfinite_report(self, counts: torch.Tensor, labels: list[str], block: int | None) -> None:
-        if counts.device.type == "cpu":
-            self._nonfinite_pending.append((counts, labels, block, None))
-            return
-        from .kernel_launch import device_guard
-
-        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-        with device_guard(counts.device):  # the copy and the event on the stream of the counts' own GPU
-            host.copy_(counts, non_blocking=True)  # read at the next step, once the copy has landed: no sync now
-            event = torch.cuda.Event()
-            event.record()
-        self._nonfinite_pending.append((host, labels, block, event))
+    def _step_in_backward_params(self, ready: list[torch.Tensor]) -> None:
+        self._step_params(set(ready))
 
     # ---- state dict ----------------------------------------------------------------------------
 
+    @torch._disable_dynamo
     def state_dict(self) -> dict:
-        self._report_nonfinite(wait=True)
-        sd = super().state_dict()
-        sd["lowbit_adamw"] = {"format_version": fmt.FORMAT_VERSION, "block_size": self.defaults["block_size"],
-                              "bits": self.defaults["bits"]}
-        # torch.distributed.checkpoint keeps only "state" and "param_groups": the version rides there too.
-        for g in sd["param_groups"]:
-            g[_VERSION_KEY] = fmt.FORMAT_VERSION
+        """torch's state dict plus ``lowbit_adamw.checkpoint``'s entries; torch's state_dict post-hooks
+        see the whole of it."""
+        self._reporter.report(wait=True)
+        post, self._optimizer_state_dict_post_hooks = self._optimizer_state_dict_post_hooks, type(
+            self._optimizer_state_dict_post_hooks)()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post
+        sd = checkpoint.state_dict(self, sd)
+        for hook in post.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict saved by ``state_dict()``. Unlike torch's default, nothing is cast: codes
-        stay uint8 and scales fp32 whatever the parameter dtype; tensors move to the parameter's
-        device and ``step`` stays a float32 CPU tensor."""
-        meta = state_dict.get("lowbit_adamw")
-        groups = state_dict.get("param_groups", [])
-        if meta is None and groups and all(_VERSION_KEY in g for g in groups):
-            meta = {"format_version": groups[0][_VERSION_KEY]}
-        if meta is None:
-            raise ValueError(
-                "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry). "
-                "For a torch.optim.AdamW state dict use lowbit_adamw.load_torch_adamw_state_dict(optimizer, sd)"
-            )
-        if meta.get("format_version") not in fmt.READABLE_VERSIONS:
-            raise ValueError(
-                f"state dict has format version {meta.get('format_version')!r}; this lowbit_adamw reads versions "
-                f"{fmt.READABLE_VERSIONS}. Convert it with the lowbit_adamw version that wrote it (to_torch_adamw_state_dict)"
-            )
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
-        id_map = {}
-        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"param group {i}: state dict has {len(saved['params'])} parameters, this optimizer has {len(group['params'])}")
-            saved_bits = saved.get("bits", 8)  # format version 1 is 8-bit
-            if saved_bits != group["bits"]:
-                raise ValueError(
-                    f"param group {i}: state dict holds {saved_bits}-bit moment codes, this optimizer uses bits={group['bits']}; "
-                    f"create the optimizer with bits={saved_bits}, or convert the state through "
-                    "to_torch_adamw_state_dict / load_torch_adamw_state_dict"
-                )
-            if saved.get("block_size") != group["block_size"]:
-                raise ValueError(
-                    f"param group {i}: state dict was saved with block_size={saved.get('block_size')}, this optimizer uses "
-                    f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
-                )
-            for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                id_map[pid] = (p, self._label(group, j, p), group["block_size"], group["bits"])
-
-        new_state = defaultdict(dict)
-        for pid, saved_state in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"state dict has state for parameter id {pid}, which no param group lists")
-            p, label, block_size, bits = id_map[pid]
-            new_state[p] = self._load_param_state(p, saved_state, label, block_size, bits, meta["format_version"])
-
-        new_groups = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            ng = dict(saved)
-            ng.pop(_VERSION_KEY, None)
-            ng["params"] = group["params"]
-            if "param_names" in group:
-                ng["param_names"] = group["param_names"]
-            for k, v in self.defaults.items():
-                ng.setdefault(k, v)
-            new_groups.append(ng)
-        self.state = new_state
-        self.param_groups = new_groups
-
-    @staticmethod
-    def _load_param_state(p, saved: dict, label: str, block_size: int, bits: int = 8, version: int = fmt.FORMAT_VERSION) -> dict:
-        out = {}
-        for key, value in saved.items():
-            if not isinstance(value, torch.Tensor):
-                out[key] = value
-            elif key == "step":
-                out[key] = sharding.local(value).detach().to(device="cpu", dtype=torch.float32).clone()
-            else:
-                out[key] = value.detach().to(device=p.device, copy=True)  # dtype kept as saved
-        for name in fmt.QUANTIZED_MOMENTS:
-            codes, absmax = out.get(name + "_codes"), out.get(name + "_absmax")
-            if codes is None:
-                continue
-            if codes.dtype != torch.uint8 or absmax is None or absmax.dtype != torch.float32:
-                raise ValueError(f"{label}: {name} must be uint8 codes with float32 absmax in the state dict")
-            if codes.numel() != fmt.codes_numel(p.numel(), bits) or absmax.numel() != fmt.num_blocks(p.numel(), block_size):
-                raise ValueError(
-                    f"{label}: saved {name} has {codes.numel()} code bytes / {absmax.numel()} blocks but the parameter has "
-                    f"{p.numel()} elements ({fmt.codes_numel(p.numel(), bits)} bytes of {bits}-bit codes, "
-                    f"{fmt.num_blocks(p.numel(), block_size)} blocks of {block_size})"
-                )
-            if version == 2 and bits == 4 and name == "exp_avg":
-                if sharding.is_dtensor(codes) or sharding.is_dtensor(p):
-                    raise ValueError(f"{label}: 4-bit state saved by format version 2 (an older m map) can be converted "
-                                     "only unsharded: load it into an optimizer off the mesh, then save it again")
-                codes, absmax = fmt.m4_codes_from_v2(codes, absmax, p.numel(), block_size)
-            if sharding.is_dtensor(p):
-                if not sharding.can_quantize(p, block_size):
-                    raise ValueError(f"{label}: saved 8-bit {name}, but this sharded parameter's rows ({sharding.row_length(p)} "
-                                     f"elements) are not whole blocks of {block_size}; load it with force_fp32_state off the mesh")
-                out[name + "_codes"] = sharding.to_param_layout(p, codes, sharding.codes_shape(p, bits))
-                out[name + "_absmax"] = sharding.to_param_layout(p, absmax, sharding.absmax_shape(p, block_size))
-            else:  # flat v1 layout; a sharded save's (rows, ...) layout is the same bytes in row-major order
-                out[name + "_codes"] = sharding.to_param_layout(p, codes, None).reshape(-1)
-                out[name + "_absmax"] = sharding.to_param_layout(p, absmax, None).reshape(-1)
-        for name in (*fmt.QUANTIZED_MOMENTS, "ema"):  # full-precision tensors shaped like the parameter
-            if name in out:
-                if out[name].shape != p.shape:
-                    raise ValueError(f"{label}: saved {name} has shape {tuple(out[name].shape)}, the parameter {tuple(p.shape)}")
-                out[name] = sharding.to_param_layout(p, out[name], p.shape)
-        return out
+        """Load a state dict saved by ``state_dict()`` (``lowbit_adamw.checkpoint``: every value is
+        checked before anything is replaced). torch's load_state_dict pre- and post-hooks run. Unlike
+        torch's, nothing is cast: codes stay uint8 and scales fp32 whatever the parameter dtype;
+        tensors move to the parameter's device and ``step`` is a float32 CPU tensor."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        checkpoint.load_state_dict(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

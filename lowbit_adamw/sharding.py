@@ -120,3 +120,18 @@ def all_ranks_agree_finite(flags: torch.Tensor, params: list[torch.Tensor]) -> t
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
         bad = t.cpu()
     return bad == 0
+
+
+def norm_over_shards(norm: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of a sharded tensor from its rank-local norm: squares summed over the mesh dims the
+    parameter is sharded on (replicated dims hold the same values and are not summed)."""
+    if not is_dtensor(p):
+        return norm
+    import torch.distributed as dist
+
+    sq = norm.float() ** 2
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            sq = sq.clone()
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=p.device_mesh.get_group(dim))
+    return sq.sqrt()

@@ -5,7 +5,7 @@ host side) import this module; neither imports the other's internals.
 
 Per element, in fp32 whatever the parameter dtype (torch.optim.AdamW semantics)::
 
-    g  = clamp(g * mul, -clip_value, clip_value)  # mul: per-tensor gradient multiplier (1 by default)
+    g  = clamp(g * mul, -clip_value, clip_value)  # mul = host_mul * device_mul, one fp32 multiply (see below)
     g  = -g if maximize else g
     p  = p * (1 - lr * weight_decay)
     m  = m * beta1 + g * (1 - beta1)
@@ -15,8 +15,15 @@ Per element, in fp32 whatever the parameter dtype (torch.optim.AdamW semantics):
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t        (both 1 when bias_correction is False)
 
 then m, v (and vmax) are re-encoded (``lowbit_adamw.format``) and p is written in its dtype, rounded to
-nearest even or, with ``stochastic_rounding``, stochastically. With EMA, ``ema = ema * mom + p * (1 - mom)``
-with the weight as stored.
+nearest even or, with ``stochastic_rounding``, stochastically: toward zero, then one unit away from
+zero when ``u < (|p| - |lo|) / (|hi| - |lo|)``, ``u`` the counter-based uniform of ``lowbit_adamw.rng``
+for (seed, weights stream, the parameter's position in the optimizer, its step, the element's index). With
+EMA, ``ema = ema * mom + p * (1 - mom)`` with the weight as stored (``mom`` is 0 on a tensor's first update).
+
+The gradient multiplier of a tensor is ``host_mul``, a number known on the host (accumulation mean,
+AMP unscale, ``loss_scale``), times ``device_mul``, an fp32 tensor computed on the gradients' device
+without a host sync (``max_grad_norm`` and ``clip_norm`` factors, ``lowbit_adamw.clipping``; 1 without
+them), rounded once.
 
 Exact arithmetic
 ----------------

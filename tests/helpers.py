@@ -26,6 +26,22 @@ def train(model, opt, steps, seq_len=32, seed=0):
     return losses
 
 
+def backends(cpu=("torch", "compiled")):
+    """The backends this machine can run: the CPU ones asked for (the compiled one only with a working
+    torch.compile), then Triton (on a GPU, or under the interpreter)."""
+    from lowbit_adamw import functional as F
+
+    out = [b for b in cpu if b != "compiled" or F.compiled_available()]
+    try:
+        from lowbit_adamw.kernel_launch import triton_available
+
+        if triton_available():
+            out.append("triton")
+    except Exception:
+        pass
+    return out
+
+
 def dequantized(opt, p, name):
     from lowbit_adamw import format as fmt
 

@@ -86,14 +86,23 @@ def test_auto_backend_uses_the_compiled_step_on_cpu_without_the_cpp_step(monkeyp
     assert AdamW8bit([torch.nn.Parameter(torch.randn(8))], backend="torch")._resolve_backend(torch.device("cpu")) == "torch"
 
 
-def test_stochastic_rounding_goes_eager_and_stays_seeded(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_compiled_and_gives_the_eager_bits(dtype, monkeypatch):
+    """The compiled step draws the same counter-based numbers (lowbit_adamw.rng) as the eager one."""
     called = []
-    monkeypatch.setattr(F, "_compiled_spans", lambda *a, **k: called.append(1) or 0)
-    p = torch.nn.Parameter(torch.randn(4096, dtype=torch.bfloat16))
-    opt = AdamW8bit([p], backend="compiled", stochastic_rounding=True)
-    p.grad = torch.randn_like(p)
-    opt.step()
-    assert not called
+    real = F._compiled_spans
+    monkeypatch.setattr(F, "_compiled_spans", lambda *a, **k: called.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    base = torch.randn(256 * 9 + 31, dtype=dtype)
+    ps = [torch.nn.Parameter(base.clone()) for _ in range(2)]
+    opts = [AdamW8bit([p], backend=b, stochastic_rounding=True, seed=7, lr=1e-4, min_8bit_size=0) for p, b in zip(ps, ("torch", "compiled"))]
+    for step in range(3):
+        g = torch.randn(base.shape, generator=torch.Generator().manual_seed(step)).to(dtype)
+        for p, o in zip(ps, opts):
+            p.grad = g.clone()
+            o.step()
+        assert torch.equal(ps[0], ps[1])
+    assert called
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):

@@ -73,7 +73,7 @@ def test_default_step_has_no_checking_pass(monkeypatch, backend):
     def forbidden(*a, **k):
         raise AssertionError("the default rule needs no separate pass over the gradients")
 
-    monkeypatch.setattr(AdamW8bit, "_finite_mask", forbidden)
+    monkeypatch.setattr(AdamW8bit, "_check_all_finite", forbidden)
     opt, a, *_ = run(backend)
     assert opt.nonfinite_skipped == {"parameter 'a'": 2}
 
@@ -110,14 +110,14 @@ def test_counts_on_a_device_are_read_only_once_they_have_landed():
 
     opt = AdamW8bit([nn.Parameter(torch.randn(10))])
     ev = Event()
-    opt._nonfinite_pending.append((torch.tensor([0, 3], dtype=torch.int32), ["x", "y"], 256, ev))
+    opt._reporter.pending.append((torch.tensor([0, 3], dtype=torch.int32), ["x", "y"], 256, ev))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt._report_nonfinite(wait=False)  # not landed: nothing read, nothing said
-    assert len(opt._nonfinite_pending) == 1
+        opt._reporter.report(wait=False)  # not landed: nothing read, nothing said
+    assert len(opt._reporter.pending) == 1
     with pytest.warns(RuntimeWarning, match=r"y \(3 blocks of 256\)"):
         assert opt.nonfinite_skipped == {"y": 3}  # reading the totals waits for the copy
-    assert not opt._nonfinite_pending
+    assert not opt._reporter.pending
 
 
 def test_nonfinite_ignore_does_not_check():

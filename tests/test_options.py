@@ -2,29 +2,15 @@
 callable lr) and GradScaler's fused path. Each is held to a plain implementation of its formula:
 the option applied inside the step must equal feeding the transformed gradient to a plain step,
 on the eager path, the compiled path and the Triton kernel (under the interpreter)."""
-import math
 
 import pytest
 import torch
 
 from lowbit_adamw import AdamW8bit
-from lowbit_adamw import functional as F
+
+from helpers import backends
 
 SIZES = (256 * 20 + 33, 5000, 300)  # a partial block, and one small tensor kept in fp32 state
-
-
-def backends():
-    out = ["torch"]
-    if F.compiled_available():
-        out.append("compiled")
-    try:
-        from lowbit_adamw.kernel_launch import triton_available
-
-        if triton_available():
-            out.append("triton")
-    except Exception:
-        pass
-    return out
 
 
 def dev(backend="torch"):
@@ -80,20 +66,44 @@ def test_loss_scale_divides_the_gradient(backend):
     assert_same(a, b)
 
 
+def spec_norm(g, quantized=True, block=256):
+    """lowbit_adamw.clipping's norm, written out: per block, then over the blocks (fp32); a tensor in
+    fp32 state (the 300-element one) as a whole."""
+    g = g.reshape(-1).float()
+    if not quantized:
+        return torch.linalg.vector_norm(g)
+    n = g.numel() // block * block
+    parts = [torch.linalg.vector_norm(g[:n].view(-1, block), dim=1)]
+    if n < g.numel():
+        parts.append(torch.linalg.vector_norm(g[n:].view(1, -1), dim=1))
+    return torch.linalg.vector_norm(torch.cat(parts))
+
+
+def quantized_sizes():
+    return [n >= 1024 for n in SIZES]  # min_8bit_size=1024 in run_pair
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_clip_norm_per_tensor(backend):
     c = 5.0
-    a, b = run_pair(backend, dict(clip_norm=c),
-                    lambda gs: [g * (c / max(torch.linalg.vector_norm(g).item(), c)) for g in gs])
+
+    def clipped(gs):
+        out = []
+        for g, q in zip(gs, quantized_sizes()):
+            n = spec_norm(g, q)
+            out.append(g * torch.where(n > c, torch.tensor(c) / n, torch.ones_like(n)))  # (c / n would round twice: reciprocal, multiply)
+        return out
+
+    a, b = run_pair(backend, dict(clip_norm=c), clipped)
     assert_same(a, b)
 
 
 @pytest.mark.parametrize("backend", backends())
 def test_max_grad_norm_matches_clip_grad_norm_(backend):
     def clipped(gs):
-        gs = [g.clone() for g in gs]
-        total = math.sqrt(sum(torch.linalg.vector_norm(g).item() ** 2 for g in gs))
-        return [g * min(1.0, 4.0 / (total + 1e-6)) for g in gs]
+        total = torch.linalg.vector_norm(torch.stack([spec_norm(g, q) for g, q in zip(gs, quantized_sizes())]))
+        coef = torch.clamp(torch.tensor(4.0) / (total + 1e-6), max=1.0)  # clip_grad_norm_'s rule, in fp32
+        return [g * coef for g in gs]
 
     a, b = run_pair(backend, dict(max_grad_norm=4.0), clipped)
     assert_same(a, b)

@@ -56,13 +56,13 @@ def test_gradients_alive_during_backward_stay_under_the_cap():
     params = list(model.parameters())
     opt = AdamW8bit(params, min_8bit_size=1024, step_in_backward=True, step_in_backward_bucket_mb=CAP_MB)
     peak = [0]
-    ready = opt._gradient_ready
+    ready = opt._in_backward.gradient_ready
 
     def watching(p):
         ready(p)
         peak[0] = max(peak[0], sum(q.grad.numel() * q.grad.element_size() for q in params if q.grad is not None))
 
-    for p, h in zip([p for p in params if p.requires_grad], opt._grad_hooks):
+    for p, h in zip([p for p in params if p.requires_grad], opt._in_backward.handles):
         h.remove()
         p.register_post_accumulate_grad_hook(watching)
     x, y = next(data(seq_len=32))
@@ -94,13 +94,13 @@ def test_weight_tying_and_activation_checkpointing():
         opt = AdamW8bit(model.parameters(), min_8bit_size=1024, step_in_backward=sib, step_in_backward_bucket_mb=CAP_MB)
         calls = []
         if sib:
-            ready = opt._gradient_ready
+            ready = opt._in_backward.gradient_ready
 
             def counting(p):
                 calls.append(p)
                 ready(p)
 
-            for h in opt._grad_hooks:
+            for h in opt._in_backward.handles:
                 h.remove()
             for p in model.parameters():
                 p.register_post_accumulate_grad_hook(counting)

@@ -29,6 +29,7 @@ struct Tensor {  // per tensor
   float* ema;
   int64_t numel;
   float step_size, inv_bc2_sqrt, grad_mul, ema_mom, one_minus_ema_mom;
+  uint32_t sr_key;  // lowbit_adamw.rng: the key of this tensor's stochastic rounding of the weights at this step
 };
 
 inline float load_param(const float* p, int64_t i) { return p[i]; }
@@ -45,6 +46,31 @@ inline void store_param(uint16_t* p, int64_t i, float x) {  // round to nearest 
   uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   p[i] = (x != x) ? uint16_t(0x7FC0) : uint16_t(rounded);  // NaN as torch writes it
 }
+// lowbit_adamw/rng.py: mix32 and the uniform of element index i under a key.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+inline float uniform(uint32_t key, int64_t i) { return float(mix32(key ^ uint32_t(i)) >> 8) * (1.0f / 16777216.0f); }
+
+// functional.stochastic_round_ for bf16: toward zero, then one unit away from zero when u < the fraction of the gap.
+inline void store_param_stochastic(uint16_t* p, int64_t i, float x, float u) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint16_t lo = uint16_t(bits >> 16), hi = uint16_t(lo + 1);
+  const uint32_t lo_bits = uint32_t(lo) << 16, hi_bits = uint32_t(hi) << 16;
+  float lo32, hi32;
+  std::memcpy(&lo32, &lo_bits, 4);
+  std::memcpy(&hi32, &hi_bits, 4);
+  const float gap = std::fabs(hi32 - lo32);
+  const float frac = gap > 0.0f ? (std::fabs(x) - std::fabs(lo32)) / gap : 0.0f;
+  p[i] = u < frac ? hi : lo;
+}
+inline void store_param_stochastic(float* p, int64_t i, float x, float) { p[i] = x; }
+
 inline float stored_value(const float*, float x) { return x; }
 inline float stored_value(const uint16_t*, float x) {
   uint16_t h;
@@ -178,7 +204,7 @@ inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float*
 }
 
 // One quantization block: returns 1 if it was skipped for a non-finite gradient.
-template <typename P, int BITS, bool AMSGRAD, bool EMA>
+template <typename P, int BITS, bool AMSGRAD, bool EMA, bool SR>
 int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maximize, bool clip, bool skip_nonfinite) {
   const int64_t start = b * block;
   const int n = int(t.numel - start < block ? t.numel - start : block);
@@ -215,8 +241,13 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
     }
     float denom = std::sqrt(hi) * inv_bc2_sqrt + eps;
     float pi = load_param(p, i) * decay - step_size * (mi / denom);
-    if (EMA) ema_out[i] = ema_out[i] * ema_mom + stored_value(p, pi) * one_minus_ema_mom;
-    store_param(p, i, pi);
+    if (SR) {
+      store_param_stochastic(p, i, pi, uniform(t.sr_key, start + i));
+      if (EMA) ema_out[i] = ema_out[i] * ema_mom + load_param(p, i) * one_minus_ema_mom;
+    } else {
+      if (EMA) ema_out[i] = ema_out[i] * ema_mom + stored_value(p, pi) * one_minus_ema_mom;
+      store_param(p, i, pi);
+    }
     m[i] = mi;
     v[i] = vi;
     vh[i] = hi;
@@ -227,7 +258,7 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
   return 0;
 }
 
-template <typename P, int BITS, bool AMSGRAD, bool EMA>
+template <typename P, int BITS, bool AMSGRAD, bool EMA, bool SR>
 void run(const Tensor* tensors, int64_t num_tensors, const int64_t* block_start, int block, const Consts& k, bool maximize,
          bool clip, bool skip_nonfinite, int32_t* bad_blocks, int threads) {
   const int64_t total = block_start[num_tensors];
@@ -238,35 +269,43 @@ void run(const Tensor* tensors, int64_t num_tensors, const int64_t* block_start,
       int64_t mid = (lo + hi) / 2;
       if (block_start[mid] <= gb) lo = mid; else hi = mid;
     }
-    if (block_step<P, BITS, AMSGRAD, EMA>(tensors[lo], gb - block_start[lo], block, k, maximize, clip, skip_nonfinite)) {
+    if (block_step<P, BITS, AMSGRAD, EMA, SR>(tensors[lo], gb - block_start[lo], block, k, maximize, clip, skip_nonfinite)) {
 #pragma omp atomic
       bad_blocks[lo] += 1;
     }
   }
 }
 
-template <typename P, int BITS>
+template <typename P, int BITS, bool SR>
 void dispatch_flags(const Tensor* t, int64_t nt, const int64_t* bs, int block, const Consts& k, bool amsgrad, bool maximize,
                     bool clip, bool ema, bool skip, int32_t* bad, int threads) {
-  if (amsgrad && ema) run<P, BITS, true, true>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
-  else if (amsgrad) run<P, BITS, true, false>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
-  else if (ema) run<P, BITS, false, true>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
-  else run<P, BITS, false, false>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+  if (amsgrad && ema) run<P, BITS, true, true, SR>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+  else if (amsgrad) run<P, BITS, true, false, SR>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+  else if (ema) run<P, BITS, false, true, SR>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
+  else run<P, BITS, false, false, SR>(t, nt, bs, block, k, maximize, clip, skip, bad, threads);
 }
 
 }  // namespace
 
 extern "C" int lowbit_cpu_step(const void* tensors, int64_t num_tensors, const int64_t* block_start, int block, int bits,
                                int param_is_bf16, const float* scalars, const float* m4_levels, const float* m4_bounds,
-                               int amsgrad, int maximize, int clip, int ema, int skip_nonfinite, int32_t* bad_blocks,
-                               int threads) {
-  if (block > kMaxBlock || block % 2) return 1;
+                               int amsgrad, int maximize, int clip, int ema, int skip_nonfinite, int stochastic,
+                               int32_t* bad_blocks, int threads) {
+  if (block > kMaxBlock || block % 2 || (bits != 8 && bits != 4) || (stochastic && !param_is_bf16)) return 1;
   const Consts k{scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], m4_levels, m4_bounds};
   const Tensor* t = static_cast<const Tensor*>(tensors);
-  if (bits == 8 && !param_is_bf16) dispatch_flags<float, 8>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
-  else if (bits == 8) dispatch_flags<uint16_t, 8>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
-  else if (!param_is_bf16) dispatch_flags<float, 4>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
-  else dispatch_flags<uint16_t, 4>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads);
+#define LOWBIT_DISPATCH(P, B, S) dispatch_flags<P, B, S>(t, num_tensors, block_start, block, k, amsgrad, maximize, clip, ema, skip_nonfinite, bad_blocks, threads)
+  if (!param_is_bf16) {
+    if (bits == 8) LOWBIT_DISPATCH(float, 8, false);
+    else LOWBIT_DISPATCH(float, 4, false);
+  } else if (stochastic) {
+    if (bits == 8) LOWBIT_DISPATCH(uint16_t, 8, true);
+    else LOWBIT_DISPATCH(uint16_t, 4, true);
+  } else {
+    if (bits == 8) LOWBIT_DISPATCH(uint16_t, 8, false);
+    else LOWBIT_DISPATCH(uint16_t, 4, false);
+  }
+#undef LOWBIT_DISPATCH
   return 0;
 }
 

@@ -1,0 +1,266 @@
+"""AdamW8bit's state dict: what it holds beside torch's, and everything checked on the way back in.
+
+Saved (``state_dict``): torch's ``{"state", "param_groups"}`` (state_dict hooks run as in torch), plus
+
+* ``"lowbit_adamw"``: ``{"format_version", "block_size", "bits", "updates", "calls", "seed"}``. ``updates``
+  is the number of applied updates (a callable ``lr`` receives it, ``ema_overwrite_frequency`` counts
+  it), ``calls`` the ``step()`` calls (the phase of ``accumulation_steps``), ``seed`` the seed of the
+  counter-based random numbers (``lowbit_adamw.rng``): with these a resumed run continues exactly.
+* in every param group, ``lowbit_format_version`` and ``lowbit_run`` (the same counters), because
+  ``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``; a callable ``lr`` is saved
+  as the number it gives at the saved update count, with ``lowbit_lr="callable"``, and on load the
+  loading optimizer's own callable is kept (a function would not load with ``weights_only=True``);
+* per parameter whose blocks run in a non-row-major order (a dense tensor with permuted strides, e.g.
+  ``channels_last``), ``element_order``: the dim order of its storage (int64), so that a checkpoint
+  loads into a parameter of another layout (the state is re-encoded in the new order, with a warning).
+
+Loaded (``load_state_dict``): torch's load_state_dict pre- and post-hooks run; then every value is
+checked before anything is replaced: format version, group and parameter counts, code width and block
+size per group, code and scale dtypes and sizes, scales finite and non-negative, ``step`` finite and
+non-negative (a Python number becomes a tensor, as torch does), full-precision moments shaped like
+their parameter, group hyper-parameters valid. Nothing is cast: codes stay uint8 and scales fp32
+whatever the parameter dtype; tensors move to the parameter's device.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+
+import torch
+
+from . import format as fmt
+from . import layout
+from . import sharding
+
+VERSION_KEY = "lowbit_format_version"
+RUN_KEY = "lowbit_run"
+LR_KEY = "lowbit_lr"  # "callable": the group's lr is a function, saved as the value it gives now
+META_KEY = "lowbit_adamw"
+ORDER_KEY = "element_order"
+
+
+def run_counters(opt) -> dict:
+    return {"updates": int(opt._updates), "calls": int(opt._calls), "seed": int(opt.seed)}
+
+
+def state_dict(opt, base_state_dict) -> dict:
+    """``base_state_dict``: torch's ``Optimizer.state_dict`` of ``opt`` (hooks already applied)."""
+    sd = base_state_dict
+    counters = run_counters(opt)
+    sd[META_KEY] = {"format_version": fmt.FORMAT_VERSION, "block_size": opt.defaults["block_size"],
+                    "bits": opt.defaults["bits"], **counters}
+    for g, live in zip(sd["param_groups"], opt.param_groups):
+        g[VERSION_KEY] = fmt.FORMAT_VERSION
+        g[RUN_KEY] = dict(counters)
+        if callable(live["lr"]):  # a function does not load with weights_only=True; the loading optimizer has its own
+            g["lr"] = float(live["lr"](opt._updates))
+            g[LR_KEY] = "callable"
+    # Parameters whose blocks follow a permuted storage order say so (see module doc).
+    index = 0
+    seen = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            order = layout.element_order(sharding.local(p))
+            st = sd["state"].get(index)
+            if order is not None and st is not None and any(k.endswith("_codes") for k in st):
+                sd["state"][index] = dict(st, **{ORDER_KEY: torch.tensor(order, dtype=torch.int64)})
+            index += 1
+    return sd
+
+
+def _bad(label: str, what: str) -> ValueError:
+    return ValueError(f"state dict: {label}: {what}")
+
+
+def _check_step(step, label):
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1:
+            raise _bad(label, f"step must hold one number, got shape {tuple(step.shape)}")
+        value = float(sharding.local(step).detach().reshape(-1)[0]) if step.device.type != "meta" else 0.0
+    elif isinstance(step, (int, float)) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        raise _bad(label, f"step must be a number or a tensor, got {type(step).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise _bad(label, f"step is {value}; it must be finite and >= 0")
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _check_scales(absmax: torch.Tensor, label: str, name: str) -> None:
+    local = sharding.local(absmax)
+    if local.device.type == "meta" or local.numel() == 0:
+        return
+    if not bool(torch.isfinite(local).all()) or bool((local < 0).any()):
+        bad = int((~torch.isfinite(local) | (local < 0)).sum())
+        raise _bad(label, f"{name}_absmax has {bad} scale(s) that are NaN, infinite or negative; the checkpoint is "
+                          "corrupt (a block scale is the largest |value| of its block)")
+
+
+def full_state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of full-precision moments: float64 (complex128) for float64 (complex128) parameters,
+    else float32 (complex64 for complex64), whatever a 16-bit parameter's dtype."""
+    if p.dtype in (torch.float64, torch.complex128, torch.complex64):
+        return p.dtype
+    return torch.float32
+
+
+def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int, version: int) -> dict:
+    out = {}
+    saved = dict(saved)
+    saved_order = saved.pop(ORDER_KEY, None)
+    for key, value in saved.items():
+        if key == "step":
+            out[key] = _check_step(value, label)
+        elif not isinstance(value, torch.Tensor):
+            out[key] = value
+        else:
+            out[key] = value.detach().to(device=p.device, copy=True)  # dtype kept as saved
+    if "step" not in out and any(isinstance(v, torch.Tensor) for v in out.values()):
+        raise _bad(label, "the state has moments but no 'step'")
+    numel = layout.real_view(sharding.local(p)).numel() if not sharding.is_dtensor(p) else layout.real_view(p).numel()
+    for name in fmt.QUANTIZED_MOMENTS:
+        codes, absmax = out.get(name + "_codes"), out.get(name + "_absmax")
+        if codes is None and absmax is None:
+            continue
+        if codes is None or absmax is None or codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
+            raise _bad(label, f"{name} must be uint8 codes with float32 absmax")
+        if codes.numel() != fmt.codes_numel(numel, bits) or absmax.numel() != fmt.num_blocks(numel, block_size):
+            raise _bad(label,
+                       f"saved {name} has {codes.numel()} code bytes / {absmax.numel()} blocks but the parameter has "
+                       f"{numel} elements ({fmt.codes_numel(numel, bits)} bytes of {bits}-bit codes, "
+                       f"{fmt.num_blocks(numel, block_size)} blocks of {block_size})")
+        _check_scales(absmax, label, name)
+        if version == 2 and bits == 4 and name == "exp_avg":
+            if sharding.is_dtensor(codes) or sharding.is_dtensor(p):
+                raise _bad(label, "4-bit state saved by format version 2 (an older m map) can be converted only unsharded: "
+                                  "load it into an optimizer off the mesh, then save it again")
+            codes, absmax = fmt.m4_codes_from_v2(codes, absmax, numel, block_size)
+        if sharding.is_dtensor(p):
+            if not sharding.can_quantize(p, block_size):
+                raise _bad(label, f"saved 8-bit {name}, but this sharded parameter's rows ({sharding.row_length(p)} "
+                                  f"elements) are not whole blocks of {block_size}; load it with force_fp32_state off the mesh")
+            out[name + "_codes"] = sharding.to_param_layout(p, codes, sharding.codes_shape(p, bits))
+            out[name + "_absmax"] = sharding.to_param_layout(p, absmax, sharding.absmax_shape(p, block_size))
+        else:  # flat v1 layout; a sharded save's (rows, ...) layout is the same bytes in row-major order
+            out[name + "_codes"] = sharding.to_param_layout(p, codes, None).reshape(-1)
+            out[name + "_absmax"] = sharding.to_param_layout(p, absmax, None).reshape(-1)
+    _reorder_codes(p, out, saved_order, label, block_size, bits)
+    for name in (*fmt.QUANTIZED_MOMENTS, "ema"):  # full-precision tensors shaped like the parameter
+        if name in out:
+            value = out[name]
+            if value.shape != p.shape:
+                raise _bad(label, f"saved {name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+            if not (value.is_floating_point() or value.is_complex()):
+                raise _bad(label, f"saved {name} has dtype {value.dtype}; moments are floating point")
+            value = sharding.to_param_layout(p, value, p.shape)
+            if not sharding.is_dtensor(p) and layout.is_dense(p) and not layout.same_layout(p, value):
+                value = torch.empty_like(p, dtype=value.dtype).copy_(value)  # the step walks both in p's storage order
+            out[name] = value
+    return out
+
+
+def _reorder_codes(p, out: dict, saved_order, label: str, block_size: int, bits: int) -> None:
+    """Re-encode 8-bit state saved for another storage order of the parameter (see module doc)."""
+    if sharding.is_dtensor(p) or not any(n + "_codes" in out for n in fmt.QUANTIZED_MOMENTS):
+        return
+    old = None if saved_order is None else [int(d) for d in saved_order.tolist()]
+    if old == list(range(len(old or []))):
+        old = None
+    new = layout.element_order(p)
+    if old == new:
+        return
+    warnings.warn(f"AdamW8bit: {label}'s state was saved for another memory layout of the parameter; its 8-bit moments "
+                  "are re-encoded for this one (one extra rounding)", UserWarning, stacklevel=5)
+    shape = layout.real_view(p).shape
+    for name in fmt.QUANTIZED_MOMENTS:
+        if name + "_codes" not in out:
+            continue
+        flat = fmt.dequantize_blockwise(out[name + "_codes"], out[name + "_absmax"], fmt.is_signed(name), block_size, bits,
+                                        numel=int(torch.Size(shape).numel()))
+        logical = layout.from_order(flat, shape, old)
+        codes, absmax = fmt.quantize_blockwise(layout.to_order(logical, new).contiguous(), fmt.is_signed(name), block_size, bits)
+        out[name + "_codes"], out[name + "_absmax"] = codes, absmax
+
+
+def load_state_dict(opt, state_dict: dict) -> None:
+    """Load into ``opt`` (an AdamW8bit): checked first, replaced whole (see module doc)."""
+    meta = state_dict.get(META_KEY)
+    groups = state_dict.get("param_groups", [])
+    if meta is None and groups and all(VERSION_KEY in g for g in groups):
+        meta = {"format_version": groups[0][VERSION_KEY]}
+        if RUN_KEY in groups[0]:
+            meta.update(groups[0][RUN_KEY])
+    if meta is None:
+        raise ValueError(
+            "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry). "
+            "For a torch.optim.AdamW state dict use lowbit_adamw.load_torch_adamw_state_dict(optimizer, sd)"
+        )
+    version = meta.get("format_version")
+    if version not in fmt.READABLE_VERSIONS:
+        raise ValueError(
+            f"state dict has format version {version!r}; this lowbit_adamw reads versions "
+            f"{fmt.READABLE_VERSIONS}. Convert it with the lowbit_adamw version that wrote it (to_torch_adamw_state_dict)"
+        )
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has {len(opt.param_groups)}")
+    id_map = {}
+    for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"param group {i}: state dict has {len(saved['params'])} parameters, this optimizer has "
+                             f"{len(group['params'])}")
+        saved_bits = saved.get("bits", 8)  # format version 1 is 8-bit
+        if saved_bits != group["bits"]:
+            raise ValueError(
+                f"param group {i}: state dict holds {saved_bits}-bit moment codes, this optimizer uses bits={group['bits']}; "
+                f"create the optimizer with bits={saved_bits}, or convert the state through "
+                "to_torch_adamw_state_dict / load_torch_adamw_state_dict"
+            )
+        if saved.get("block_size") != group["block_size"]:
+            raise ValueError(
+                f"param group {i}: state dict was saved with block_size={saved.get('block_size')}, this optimizer uses "
+                f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
+            )
+        for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            id_map[pid] = (p, opt._label(group, j, p), group["block_size"], group["bits"])
+
+    new_state = defaultdict(dict)
+    layouts = {}
+    for pid, saved_state in state_dict["state"].items():
+        if pid not in id_map:
+            raise ValueError(f"state dict has state for parameter id {pid}, which no param group lists")
+        p, label, block_size, bits = id_map[pid]
+        new_state[p] = load_param_state(opt, p, saved_state, label, block_size, bits, version)
+        if any(k.endswith("_codes") for k in new_state[p]):
+            layouts[p] = (bits, block_size)
+
+    new_groups = []
+    for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        ng = {k: v for k, v in saved.items() if k not in (VERSION_KEY, RUN_KEY, LR_KEY)}
+        if saved.get(LR_KEY) == "callable" and callable(group["lr"]):
+            ng["lr"] = group["lr"]
+        ng["params"] = group["params"]
+        if "param_names" in group:
+            ng["param_names"] = group["param_names"]
+        for k, v in opt.defaults.items():
+            ng.setdefault(k, v)
+        try:
+            opt._validate_group(ng)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"state dict: param group {i}: {e}") from None
+        new_groups.append(ng)
+    counters = {k: meta[k] for k in ("updates", "calls", "seed") if k in meta}
+    for k, v in counters.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"state dict: lowbit_adamw.{k} must be a non-negative int, got {v!r}")
+
+    opt.state = new_state
+    opt.param_groups = new_groups
+    opt._layouts = layouts
+    opt._updates = counters.get("updates", opt._updates)
+    opt._calls = counters.get("calls", opt._calls)
+    opt.seed = counters.get("seed", opt.seed)

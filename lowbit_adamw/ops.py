@@ -1,0 +1,243 @@
+"""The step of one bucket as a PyTorch custom op (``torch.ops.lowbit_adamw.step_``), mutating its inputs.
+
+``torch.compile`` of ``optimizer.step()`` then sees one opaque op per bucket instead of tracing into
+the C++ library (ctypes), the Triton launcher's host tables or the eager loops, so
+``torch.compile(opt.step, fullgraph=True)`` traces with no graph break, and the op gives the bits the
+eager call gives (it is the same code). Everything per step that is host work happens inside:
+incrementing the step counters, bias corrections, stochastic-rounding keys, flat views of the
+tensors in the order their blocks run (``lowbit_adamw.layout``), the backend call, and copies back
+for parameters with gaps.
+
+The op defers ``KeyboardInterrupt`` (SIGINT, main thread) until its writes are done: an interrupted
+training loop leaves every tensor of a bucket either wholly before or wholly after the step, never
+with weights written and codes not.
+
+Arguments (one bucket: one device, one parameter dtype, one kind of state):
+    params, grads   the parameters and their gradients, as the optimizer holds them (rank-local).
+    state           per parameter, in order: 8-bit kind: m codes, m scales, v codes, v scales,
+                    (amsgrad: vmax codes, vmax scales), (EMA: ema); full-precision kind: exp_avg,
+                    exp_avg_sq, (amsgrad: max_exp_avg_sq), (EMA: ema).
+    steps           per parameter, its ``state["step"]`` (incremented here).
+    grad_mul_tensor optional fp32 per parameter (device), times ``grad_muls``: step_spec's multiplier.
+    hyper           lr (or lr_tensor, a 1-element tensor read here), beta1, beta2, eps, weight_decay,
+                    clip_value (inf: off).
+    flags           amsgrad, maximize, bias_correction, stochastic_rounding, skip_nonfinite.
+Returns int32 per parameter: blocks (8-bit kind) or whole tensors (full-precision kind) skipped for a
+non-finite gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import signal
+import threading
+from typing import Optional
+
+import torch
+
+from . import layout
+from . import rng
+from .functional import adamw8bit_step, fp32_state_step
+from .step_spec import StepScalars, state_names
+
+KIND_QUANTIZED = "quantized"
+KIND_FULL = "full"
+_PLAN_CACHES: dict[int, dict] = {}  # Triton launch tables, per (optimizer, group, device, dtype) id
+_next_cache_id = itertools.count(1)
+
+
+def new_cache_id() -> int:
+    return next(_next_cache_id)
+
+
+def plan_cache(cache_id: int) -> dict:
+    return _PLAN_CACHES.setdefault(cache_id, {})
+
+
+def drop_plan_caches(ids) -> None:
+    for i in ids:
+        _PLAN_CACHES.pop(i, None)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """SIGINT waits until the block is done (main thread only; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except (ValueError, TypeError):  # pragma: no cover - no signal support
+        yield
+        return
+    received = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    except (ValueError, TypeError):  # pragma: no cover
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):  # Python's default handler raises KeyboardInterrupt here
+                previous(*received[0])
+            elif previous == signal.SIG_DFL:  # pragma: no cover - a process that restored the C default
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def state_per_param(kind: str, amsgrad: bool, ema: bool) -> tuple[str, ...]:
+    """The state keys, in the order ``state`` lists them for each parameter."""
+    if kind == KIND_QUANTIZED:
+        names = tuple(n + sfx for n in state_names(amsgrad) for sfx in ("_codes", "_absmax"))
+    else:
+        names = state_names(amsgrad)
+    return names + (("ema",) if ema else ())
+
+
+def _flat_views(p, g, state: dict, element_state: tuple[str, ...]):
+    """(flat p, flat g, flat state dict, write-back or None) in the order the blocks run."""
+    p, g = layout.real_view(p), layout.real_view(g)
+    if layout.is_dense(p):
+        fp = layout.memory_order_view(p)
+        fg = layout.memory_order_view(g) if layout.is_dense(g) and layout.same_layout(p, g) else \
+            layout.memory_order_view(torch.empty_like(p).copy_(g))
+        flat = {}
+        for k, v in state.items():
+            if k in element_state:
+                v = layout.real_view(v)
+                if not layout.same_layout(p, v):
+                    raise RuntimeError(f"state {k!r} is not laid out like its parameter (strides {v.stride()} vs {p.stride()})")
+                flat[k] = layout.memory_order_view(v)
+            else:
+                flat[k] = v.view(-1)
+        return fp, fg, flat, None
+    copy = p.contiguous()  # a parameter with gaps: step a contiguous copy, write it back
+    flat = {k: (layout.real_view(v).reshape(-1) if k in element_state else v.view(-1)) for k, v in state.items()}
+    return copy.view(-1), g.reshape(-1), flat, (p, copy)
+
+
+@torch.library.custom_op("lowbit_adamw::step_", mutates_args=("params", "state", "steps"))
+def step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    grad_mul_tensor: Optional[torch.Tensor],
+    grad_muls: list[float],
+    ema_moms: list[float],  # the EMA decay per parameter (0 on its first update), or empty without EMA
+    tensor_ids: list[int],
+    kind: str,
+    backend: str,
+    lr: float,
+    lr_tensor: Optional[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip_value: float,
+    amsgrad: bool,
+    maximize: bool,
+    bias_correction: bool,
+    stochastic_rounding: bool,
+    skip_nonfinite: bool,
+    block_size: int,
+    bits: int,
+    seed: int,
+    foreach: Optional[bool],
+    fused: Optional[bool],
+    cache_id: int,
+) -> torch.Tensor:
+    n = len(params)
+    device = params[0].device
+    if lr_tensor is not None:
+        lr = check_lr(lr_tensor, "lr")
+    counts = torch.zeros(n, dtype=torch.int32, device=device)
+    ema = len(ema_moms) > 0
+    names = state_per_param(kind, amsgrad, ema)
+    per = len(names)
+    if len(state) != n * per or len(grads) != n or len(steps) != n:
+        raise ValueError(f"lowbit_adamw::step_: {n} params need {n} grads, {n} steps and {n * per} state tensors "
+                         f"({', '.join(names)} each), got {len(grads)}, {len(steps)}, {len(state)}")
+    sc = StepScalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                     bias_correction=bias_correction, stochastic_rounding=stochastic_rounding, clip_value=clip_value,
+                     skip_nonfinite=skip_nonfinite)
+    element_state = ("ema",) if kind == KIND_QUANTIZED else (*state_names(amsgrad), "ema")
+    if ema:  # Keras: a tensor's first update copies the weights into the average (momentum 0)
+        ema_moms = [0.0 if float(s) == 0 else float(m) for s, m in zip(steps, ema_moms)]
+    fps, fgs, fstates, backs = [], [], [], []
+    for i in range(n):
+        st = dict(zip(names, state[i * per:(i + 1) * per]))
+        st["step"] = steps[i]
+        fp, fg, fs, back = _flat_views(params[i], grads[i], st, element_state)
+        fps.append(fp)
+        fgs.append(fg)
+        fstates.append(fs)
+        if back is not None:
+            backs.append(back)
+    with interrupts_deferred():
+        if kind == KIND_QUANTIZED:
+            for s in steps:
+                s += 1
+            keys = None
+            if stochastic_rounding:
+                keys = [rng.tensor_key(seed, rng.STREAM_WEIGHTS, t, int(s.item())) for t, s in zip(tensor_ids, steps)]
+            adamw8bit_step(fps, fgs, fstates, sc, block_size=block_size, bits=bits, backend=backend,
+                           plan_cache=plan_cache(cache_id), grad_muls=list(grad_muls), grad_mul_tensor=grad_mul_tensor,
+                           ema_moms=list(ema_moms) if ema else None, bad_blocks=counts if skip_nonfinite else None, sr_keys=keys)
+        else:
+            keys = None
+            if stochastic_rounding:  # after torch's increment, the step the update is for
+                keys = [rng.tensor_key(seed, rng.STREAM_WEIGHTS, t, int(s.item()) + 1) for t, s in zip(tensor_ids, steps)]
+            fp32_state_step(fps, fgs, fstates, sc, foreach=foreach, fused=fused, grad_muls=list(grad_muls),
+                            grad_mul_tensor=grad_mul_tensor, ema_moms=list(ema_moms) if ema else None,
+                            bad_tensors=counts if skip_nonfinite else None, sr_keys=keys)
+        for p, copy in backs:
+            layout.real_view(p).copy_(copy)
+    return counts
+
+
+@step_.register_fake
+def _(params, grads, state, steps, grad_mul_tensor, grad_muls, ema_moms, tensor_ids, kind, backend, lr, lr_tensor, beta1, beta2, eps,
+      weight_decay, clip_value, amsgrad, maximize, bias_correction, stochastic_rounding, skip_nonfinite, block_size, bits, seed,
+      foreach, fused, cache_id):
+    return params[0].new_empty(len(params), dtype=torch.int32)
+
+
+@torch.library.custom_op("lowbit_adamw::clip_multipliers", mutates_args=())
+def clip_multipliers(grads: list[torch.Tensor], params: list[torch.Tensor], quantized: list[bool], block_sizes: list[int],
+                     skip_nonfinite: bool, host_muls: list[float], max_grad_norm: Optional[float],
+                     clip_norms: list[float]) -> torch.Tensor:
+    """``lowbit_adamw.clipping``'s device multipliers (fp32, one per gradient, on the first gradient's
+    device), as an op so that a compiled step computes them with the same kernels as an eager one (an
+    inductor reduction would sum in another order). ``clip_norms``: per tensor, inf for none. The
+    gradients are flat in block order."""
+    from . import clipping
+
+    dev = grads[0].device
+    norms = torch.stack([clipping.applied_norms([g], [p], [q], [bs], skip_nonfinite)[0].to(dev)
+                         for g, p, q, bs in zip(grads, params, quantized, block_sizes)])
+    host = torch.tensor(host_muls, dtype=torch.float32).to(dev)
+    return clipping.multipliers(norms, host, max_grad_norm, [None if math.isinf(c) else c for c in clip_norms])
+
+
+@clip_multipliers.register_fake
+def _(grads, params, quantized, block_sizes, skip_nonfinite, host_muls, max_grad_norm, clip_norms):
+    return grads[0].new_empty(len(grads), dtype=torch.float32)
+
+
+def check_lr(lr: torch.Tensor, where: str) -> float:
+    """A tensor learning rate as a float: one element, finite, >= 0 (else ValueError naming ``where``)."""
+    if lr.numel() != 1:
+        raise ValueError(f"{where}: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    value = float(lr)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: lr is {value}; a learning rate must be finite and >= 0")
+    return value
+
+
+def clip_value_arg(clip_value) -> float:
+    return math.inf if clip_value is None else float(clip_value)
