@@ -16,6 +16,7 @@ from benchlib import pyplot, save
 from lowbit_adamw.memory import OPTIMIZERS, make_optimizer
 from lowbit_adamw.tinylm import TinyLM, batches, held_out_loss, token_splits
 
+EARLY = (30, 60)  # held-out loss also at these steps: where 4-bit state trails first
 NAMES = ("adamw", "bnb_8bit", "torchao_8bit", "lowbit_8bit", "torchao_4bit", "lowbit_4bit")
 
 
@@ -33,7 +34,7 @@ def run(name, lr, steps, dim, layers, seq_len, batch, eval_every, seed=0):
         loss.backward()
         opt.step()
         curve.append(loss.item())
-        if step % eval_every == 0 or step == steps:
+        if step % eval_every == 0 or step == steps or step in EARLY:
             evals.append((step, held_out_loss(model, val, seq_len)))
     return dict(optimizer=name, label=OPTIMIZERS[name], lr=lr, seed=seed, train_curve=curve, held_out=evals,
                 final_held_out=evals[-1][1], finite=all(c == c and abs(c) != float("inf") for c in curve),

@@ -70,7 +70,7 @@ def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, em
     types = dict(p_base=ptr, g_base=ptr, mc_base="*u8", ma_base="*fp32", vc_base="*u8", va_base="*fp32", xc_base="*u8",
                  xa_base="*fp32", e_base="*fp32", tensor_table="*i64", step_table="*i64", prog_start="*i32",
                  num_tensors="i32", bad_blocks="*i32", decay="fp32", beta1="fp32", one_minus_beta1="fp32", beta2="fp32",
-                 one_minus_beta2="fp32", eps="fp32", clip_value="fp32", seed="i32")
+                 one_minus_beta2="fp32", eps="fp32", clip_value="fp32")
     names = adamw8bit_kernel.arg_names
     signature = {n: types.get(n, "constexpr") for n in names}
     # At launch Triton marks pointer arguments 16-byte aligned when they are; torch's allocations always are.

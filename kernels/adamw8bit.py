@@ -1,6 +1,6 @@
 """Fused low-bit AdamW step for a whole bucket of tensors: decode -> AdamW -> encode, one pass.
 
-Pure Triton over tensors and scalars; the state format is ``lowbit_adamw.format`` (v2: 8-bit codes, or
+Pure Triton over tensors and scalars; the state format is ``lowbit_adamw.format`` (v4: 8-bit codes, or
 4-bit codes packed two per byte, chosen by the ``BITS`` constexpr) and the update
 is the one written in ``lowbit_adamw.step_spec``. Nothing here knows about optimizers.
 
@@ -18,12 +18,15 @@ Tables (built and cached by ``lowbit_adamw.kernel_launch``):
   ``tensor_table``  int64 [T, 10]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
                     vmax absmax, numel, the EMA buffer (fp32), and the tensor's slot in ``bad_blocks``.
                     Changes only when a tensor is reallocated.
-  ``step_table``    int64 [T, 8]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
+  ``step_table``    int64 [T, 12]: grad offset, fp32 bits of lr/bc1, fp32 bits of 1/sqrt(bc2), skip
                     flag (the whole tensor), fp32 bits of the gradient multiplier (AMP unscale,
                     loss scale, norm clipping, accumulation mean), fp32 bits of the EMA momentum
                     (0 on a tensor's first step, so the average starts at the weights) and of
-                    1 - momentum (rounded once on the host, as the PyTorch paths do), and the
-                    tensor's stochastic-rounding key (``lowbit_adamw.rng``). Uploaded each step.
+                    1 - momentum (rounded once on the host, as the PyTorch paths do), the
+                    tensor's stochastic-rounding key, and its v dither: key, Weyl offset, and 1 if
+                    on (0: u = 1/2) (``lowbit_adamw.rng``), and the index of the tensor's first
+                    element in its whole parameter (a shard's offset; the random numbers' index).
+                    Uploaded each step.
 
 Arithmetic follows ``lowbit_adamw.step_spec`` exactly: IEEE division and square root (``div_rn``,
 ``sqrt_rn``) and no FMA contraction (the launch passes ``enable_fp_fusion=False``), so the GPU gives the
@@ -38,7 +41,7 @@ real GPU targets and reads the PTX.
 import triton
 import triton.language as tl
 
-STEP_COLS: tl.constexpr = tl.constexpr(8)  # columns of step_table (see above)
+STEP_COLS: tl.constexpr = tl.constexpr(12)  # columns of step_table (see above)
 TENSOR_COLS: tl.constexpr = tl.constexpr(10)  # columns of tensor_table
 
 
@@ -112,6 +115,7 @@ def _encode_m(m, inv, BITS: tl.constexpr, M4_BOUNDS: tl.constexpr):
     s = m * inv
     if BITS == 8:
         q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)
+        q = tl.where(q > 127.0, 127.0, q)  # s beyond 1: a saturated scale
         return tl.where(s < 0, -q, q) + 127.0
     else:  # nearest level, ties upward: the number of midpoints at or below s
         q = tl.zeros_like(s)
@@ -121,22 +125,64 @@ def _encode_m(m, inv, BITS: tl.constexpr, M4_BOUNDS: tl.constexpr):
 
 
 @triton.jit
-def _decode_v(code, a, BITS: tl.constexpr):
-    if BITS == 8:
-        y = code * (1.0 / 255.0)
-        y = y * y
-        return y * y * a
-    else:
-        return (code + 1.0) * (1.0 / 16.0) * a
+def _scale_magnitude(a):
+    # lowbit_adamw.format: saturated at FLT_MAX, flushed to 0 below FLT_MIN (its reciprocal never overflows)
+    a = tl.where(a > 3.4028234663852886e38, 3.4028234663852886e38, a)
+    return tl.where(a < 1.1754943508222875e-38, 0.0, a)
 
 
 @triton.jit
-def _encode_v(v, inv, BITS: tl.constexpr):
+def _v_level(c, map_b, BITS: tl.constexpr):
+    # 8 bits: map A (fourth-root companding) or, where map_b, map B (linear on [1/2, 1]); 4 bits: (c + 1) / 16
     if BITS == 8:
-        c = tl.floor(tl.sqrt_rn(tl.sqrt_rn(v * inv)) * 255.0 + 0.5)
-        return tl.where((v > 0) & (c == 0), 1.0, c)
+        y = c * (1.0 / 255.0)
+        y = y * y
+        return tl.where(map_b, (c + 255.0) * (1.0 / 510.0), y * y)
     else:
-        return tl.minimum(tl.maximum(tl.floor(v * inv * 16.0 - 0.5), 0.0), 15.0)
+        return (c + 1.0) * (1.0 / 16.0)
+
+
+@triton.jit
+def _decode_v(code, a, BITS: tl.constexpr):
+    # a: the signed scale; at 8 bits its sign selects the map. The top code of a saturated block is inf.
+    if BITS == 8:
+        v = _v_level(code, a < 0, BITS) * tl.abs(a)
+    else:
+        v = _v_level(code, False, BITS) * a
+    return tl.where(v == 3.4028234663852886e38, float("inf"), v)
+
+
+@triton.jit
+def _encode_v(v, a, valid, u, BITS: tl.constexpr):
+    # (codes, map B per block), rounded between the two levels around s with the dither u
+    # (lowbit_adamw.format): 8-bit map A unbiased in 1 / sqrt(v), map B and 4 bits in v. Clamps are
+    # selects, so that NaN propagates as in torch.clamp.
+    s = v * _safe_inverse(a)[:, None]
+    if BITS == 8:
+        map_b = (tl.min(tl.where(valid, s, 1.0), axis=1) >= 0.5) & (a > 0)
+        r = tl.sqrt_rn(s)
+        lo_a = tl.floor(tl.sqrt_rn(r) * 255.0)
+        lo_a = tl.where(lo_a > 254.0, 254.0, lo_a)
+        ylo = lo_a * (1.0 / 255.0)
+        yhi = (lo_a + 1.0) * (1.0 / 255.0)
+        low, high = ylo * ylo, yhi * yhi
+        up_a = (((u * (high - low)) * r) < ((r - low) * high)) | (s >= 1.0)  # s >= 1: saturated by inf
+        qa = lo_a + up_a.to(tl.float32)
+        qa = tl.where((v > 0) & (qa == 0), 1.0, qa)  # a positive v never decodes to 0
+        lo_b = tl.floor(s * 510.0 - 255.0)
+        lo_b = tl.where(lo_b > 254.0, 254.0, tl.where(lo_b < 0.0, 0.0, lo_b))
+        low_b = (lo_b + 255.0) * (1.0 / 510.0)
+        high_b = ((lo_b + 1.0) + 255.0) * (1.0 / 510.0)
+        qb = lo_b + ((s - low_b) > u * (high_b - low_b)).to(tl.float32)
+        q = tl.where(map_b[:, None], qb, qa)
+    else:
+        map_b = a < 0  # never: one map at 4 bits
+        lo = tl.floor(s * 16.0 - 1.0)
+        lo = tl.where(lo > 14.0, 14.0, tl.where(lo < 0.0, 0.0, lo))
+        low = _v_level(lo, False, BITS)
+        high = _v_level(lo + 1.0, False, BITS)
+        q = lo + ((s - low) > u * (high - low)).to(tl.float32)
+    return q, map_b
 
 
 @triton.jit
@@ -268,7 +314,7 @@ def adamw8bit_kernel(
 
         if STOCHASTIC:
             key = tl.load(step_row + 7).to(tl.uint32)
-            out = _stochastic_round(p, key, idx, p_raw.dtype)
+            out = _stochastic_round(p, key, idx + tl.load(step_row + 11), p_raw.dtype)
         else:
             out = _round_nearest(p, p_raw.dtype)
         tl.store(p_base + p_off + idx, out, mask=mask)
@@ -281,22 +327,31 @@ def adamw8bit_kernel(
             ema = tl.load(e_base + e_off + idx, mask=mask, other=0.0)
             tl.store(e_base + e_off + idx, ema * mom + out.to(tl.float32) * one_minus_mom, mask=mask)
 
-        # encode m (8 bits: square-root companding; 4 bits: nearest of the table's levels)
-        am = tl.max(tl.abs(m), axis=1)
-        _store_codes(mc_base, mc_off, idx, pidx, mask, valid, pmask, _encode_m(m, _safe_inverse(am)[:, None], BITS, M4_BOUNDS),
+        # encode m (8 bits: square-root companding; 4 bits: nearest of the table's levels, the scale's sign
+        # on the side of the block's largest |m|; masked lanes hold 0, which changes neither side's test)
+        am = _scale_magnitude(tl.max(tl.abs(m), axis=1))
+        if BITS == 8:
+            sm = am
+        else:
+            sm = tl.where(-tl.min(m, axis=1) > tl.max(m, axis=1), -am, am)
+        _store_codes(mc_base, mc_off, idx, pidx, mask, valid, pmask,
+                     _encode_m(m, tl.where(am > 0, tl.div_rn(tl.full(sm.shape, 1.0, tl.float32), tl.where(am > 0, sm, 1.0)), 0.0)[:, None],
+                               BITS, M4_BOUNDS),
                      BPP, BLOCK, BITS)
-        tl.store(ma_base + ma_off + blocks, am, mask=bmask)
+        tl.store(ma_base + ma_off + blocks, sm, mask=bmask)
 
-        # encode v (8 bits: fourth-root companding, zero-point guard; 4 bits: zero-free linear)
-        av = tl.max(v, axis=1)
-        _store_codes(vc_base, vc_off, idx, pidx, mask, valid, pmask, _encode_v(v, _safe_inverse(av)[:, None], BITS),
-                     BPP, BLOCK, BITS)
-        tl.store(va_base + va_off + blocks, av, mask=bmask)
+        # encode v (8 bits: map A or B, zero-point guard; 4 bits: zero-free linear), dithered (lowbit_adamw.rng)
+        h = _mix32((idx + tl.load(step_row + 11)).to(tl.uint32) ^ tl.load(step_row + 8).to(tl.uint32)) + tl.load(step_row + 9).to(tl.uint32)
+        u = tl.where(tl.load(step_row + 10) != 0, (h >> 8).to(tl.float32) * (1.0 / 16777216.0), 0.5)
+        av = _scale_magnitude(tl.max(v, axis=1))
+        qv, vb = _encode_v(v, av, valid, u, BITS)
+        _store_codes(vc_base, vc_off, idx, pidx, mask, valid, pmask, qv, BPP, BLOCK, BITS)
+        tl.store(va_base + va_off + blocks, tl.where(vb, -av, av), mask=bmask)
         if AMSGRAD:
-            ax = tl.max(vh, axis=1)
-            _store_codes(xc_base, xc_off, idx, pidx, mask, valid, pmask, _encode_v(vh, _safe_inverse(ax)[:, None], BITS),
-                         BPP, BLOCK, BITS)
-            tl.store(xa_base + xa_off + blocks, ax, mask=bmask)
+            ax = _scale_magnitude(tl.max(vh, axis=1))
+            qx, xb = _encode_v(vh, ax, valid, u, BITS)
+            _store_codes(xc_base, xc_off, idx, pidx, mask, valid, pmask, qx, BPP, BLOCK, BITS)
+            tl.store(xa_base + xa_off + blocks, tl.where(xb, -ax, ax), mask=bmask)
 
 
 def launch_adamw8bit(

@@ -90,14 +90,18 @@ def _check_step(step, label):
     return torch.tensor(value, dtype=torch.float32)
 
 
-def _check_scales(absmax: torch.Tensor, label: str, name: str) -> None:
+def _check_scales(absmax: torch.Tensor, label: str, name: str, bits: int, version: int) -> None:
+    """Scales are finite; negative only where the format gives the sign bit a meaning (version 4: the
+    4-bit m map's side, the 8-bit v map)."""
     local = sharding.local(absmax)
     if local.device.type == "meta" or local.numel() == 0:
         return
-    if not bool(torch.isfinite(local).all()) or bool((local < 0).any()):
-        bad = int((~torch.isfinite(local) | (local < 0)).sum())
-        raise _bad(label, f"{name}_absmax has {bad} scale(s) that are NaN, infinite or negative; the checkpoint is "
-                          "corrupt (a block scale is the largest |value| of its block)")
+    signed_ok = version >= 4 and (fmt.is_signed(name) == (bits == 4))
+    bad = ~torch.isfinite(local) if signed_ok else ~torch.isfinite(local) | (local < 0)
+    if bool(bad.any()):
+        raise _bad(label, f"{name}_absmax has {int(bad.sum())} scale(s) that are NaN, infinite"
+                          f"{'' if signed_ok else ' or negative'}; the checkpoint is corrupt (a block scale is the largest "
+                          "|value| of its block)")
 
 
 def full_state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -133,7 +137,7 @@ def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int
                        f"saved {name} has {codes.numel()} code bytes / {absmax.numel()} blocks but the parameter has "
                        f"{numel} elements ({fmt.codes_numel(numel, bits)} bytes of {bits}-bit codes, "
                        f"{fmt.num_blocks(numel, block_size)} blocks of {block_size})")
-        _check_scales(absmax, label, name)
+        _check_scales(absmax, label, name, bits, version)
         if version == 2 and bits == 4 and name == "exp_avg":
             if sharding.is_dtensor(codes) or sharding.is_dtensor(p):
                 raise _bad(label, "4-bit state saved by format version 2 (an older m map) can be converted only unsharded: "

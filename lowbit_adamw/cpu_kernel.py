@@ -42,7 +42,8 @@ class _TensorArgs(ctypes.Structure):  # struct Tensor in cpu_step.cpp
                 ("vc", ctypes.c_void_p), ("va", ctypes.c_void_p), ("xc", ctypes.c_void_p), ("xa", ctypes.c_void_p),
                 ("ema", ctypes.c_void_p), ("numel", ctypes.c_int64), ("step_size", ctypes.c_float),
                 ("inv_bc2_sqrt", ctypes.c_float), ("grad_mul", ctypes.c_float), ("ema_mom", ctypes.c_float),
-                ("one_minus_ema_mom", ctypes.c_float), ("sr_key", ctypes.c_uint32)]
+                ("one_minus_ema_mom", ctypes.c_float), ("sr_key", ctypes.c_uint32), ("v_key", ctypes.c_uint32),
+                ("v_offset", ctypes.c_uint32), ("v_dither", ctypes.c_uint32), ("index_base", ctypes.c_int64)]
 
 
 def _isa_flags() -> list[str]:
@@ -138,7 +139,7 @@ def supports(param: torch.Tensor, sc: StepScalars) -> bool:
 
 
 def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: int, grad_muls=None,
-             ema_moms=None, sr_keys=None) -> torch.Tensor:
+             ema_moms=None, sr_keys=None, v_dithers=None, index_bases=None) -> torch.Tensor:
     """The fused step over CPU tensors that ``supports`` accepts (one dtype), all in one call. Returns the
     number of blocks skipped for a non-finite gradient, per tensor (int32)."""
     lib = load()
@@ -164,6 +165,10 @@ def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: i
         a.step_size, a.inv_bc2_sqrt = step_size, inv_bc2_sqrt
         a.grad_mul = 1.0 if grad_muls is None else grad_muls[i]
         a.sr_key = 0 if sr_keys is None or sr_keys[i] is None else sr_keys[i]
+        if v_dithers is not None and v_dithers[i] is not None:  # else u = 1/2 (nearest in the value domain), as eager
+            a.v_key, a.v_offset = v_dithers[i]
+            a.v_dither = 1
+        a.index_base = 0 if index_bases is None else index_bases[i]
         starts.append(starts[-1] + fmt.num_blocks(p.numel(), block_size))
     block_start = torch.tensor(starts, dtype=torch.int64)
     clip = sc.clip_value != float("inf")

@@ -1,94 +1,121 @@
-"""The lowbit-adamw state format, version 3. This docstring is the spec; the Triton kernel
-(``lowbit_adamw.kernels``) and the PyTorch functions below both implement exactly this.
+"""The lowbit-adamw state format, version 4. This docstring is the spec; the Triton kernel
+(``lowbit_adamw.kernels``), the C++ step and the PyTorch functions below all implement exactly this.
 
 Layout
 ------
-A parameter is read flat, in its own element order, and cut into blocks of ``block_size`` elements
-(a power of two, 64..4096; default 256 at 8 bits, 128 at 4 bits); the last block may be short. Each
-quantized moment buffer has a width of ``bits`` (8 or 4, per param group):
+A parameter is read flat, in the order its elements sit in memory (``lowbit_adamw.layout``: row-major
+for a contiguous tensor), and cut into blocks of ``block_size`` elements (a power of two, 64..4096;
+default 256 at 8 bits, 128 at 4 bits); the last block may be short. Each quantized moment buffer has
+a width of ``bits`` (8 or 4, per param group):
 
 * ``*_codes``: uint8. At 8 bits one code per element, shape ``(numel,)``. At 4 bits two codes per
   byte, shape ``(ceil(numel / 2),)``: element ``2i`` in the low nibble of byte ``i``, element ``2i + 1``
   in the high nibble; the unused high nibble after an odd last element is 0. Blocks hold an even number
   of elements, so a byte never spans two blocks.
-* ``*_absmax``: float32, one per block, shape ``(ceil(numel / block_size),)``: the largest ``|x|`` in
-  the block (for ``exp_avg_sq``, the largest ``x``).
+* ``*_absmax``: float32, one per block, shape ``(ceil(numel / block_size),)``: the block's scale. Its
+  magnitude ``a`` is the largest ``|x|`` in the block (for ``exp_avg_sq``, the largest ``x``), saturated
+  at the largest finite float32 and flushed to 0 below the smallest normal one (so its reciprocal
+  never overflows). Its sign bit carries one bit of the map (below): a negative scale is ``-a``.
 
 So a parameter with both moments quantized holds ``2 * (bits / 8 + 4 / block_size)`` bytes of state
 per element: 2.03125 at 8 bits and blocks of 256, 1.0625 at 4 bits and blocks of 128.
 
 Code maps
 ---------
-``exp_avg`` (m, signed) at 8 bits: square-root companding, with ``L = 127`` and ``s = m / absmax`` in
-[-1, 1]::
+``exp_avg`` (m, signed) at 8 bits: square-root companding, with ``L = 127`` and ``s = m / a`` in
+[-1, 1], the scale always positive::
 
     q    = sign(s) * floor(sqrt(|s|) * L + 0.5)            # q in [-L, L]
     code = q + L                                            # L is exact zero
-    m    = sign(q) * (q / L)**2 * absmax                    # decode
+    m    = sign(q) * (q / L)**2 * a                         # decode
 
 At 4 bits, the 16 levels of the dynamic-exponent map (Dettmers 2016) with 3 exponent bits,
 ``M4_LEVELS``: -0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0, 0.0055, 0.0325, 0.0775,
-0.2125, 0.4375, 0.6625, 0.8875, 1 (each rounded to fp32; code 7 is zero). Decoding is a table lookup;
-encoding is to the nearest level in the value domain, ties upward::
+0.2125, 0.4375, 0.6625, 0.8875, 1 (each rounded to fp32; code 7 is zero). The scale's sign says on
+which side of the map the block's largest ``|m|`` sits: ``scale = -a`` when ``-min(m) > max(m)``, else
+``a``, so that element is ``+1`` of the map whatever its sign, and decodes exactly (a negative block
+maximum stored at 0.8875 of itself would shrink m under a steady negative gradient)::
 
+    s    = m * (1 / scale)
     code = number of i in 0..14 with M4_BOUNDS[i] <= s     # M4_BOUNDS[i] = fp32((level i + level i+1) / 2)
-    m    = M4_LEVELS[code] * absmax                         # decode
+    m    = M4_LEVELS[code] * scale                          # decode
 
-(A block whose largest |m| is negative stores it as -0.8875 of itself: the map is the published one,
-and the only asymmetric level.)
+``exp_avg_sq`` and ``max_exp_avg_sq`` (v, unsigned), with ``s = v * (1 / a)`` in [0, 1]. Two maps at 8
+bits; a block uses map B (its scale stored as ``-a``) when every v of it is at least half its largest,
+s >= 1/2, else map A::
 
-``exp_avg_sq`` and ``max_exp_avg_sq`` (v, unsigned), with ``s = v / absmax`` in [0, 1]. At 8 bits,
-fourth-root companding with a zero-point guard::
+    A: level(c) = ((c * (1 / 255))**2)**2                     # fourth-root companding, c in [0, 255]
+       lo = min(floor(sqrt(sqrt(s)) * 255), 254)
+    B: level(c) = (c + 255) * (1 / 510)                       # linear on [1/2, 1]
+       lo = min(max(floor(s * 510 - 255), 0), 254)
 
-    code = floor(sqrt(sqrt(s)) * 255 + 0.5)                 # code in [0, 255]
-    code = max(code, 1)   if v > 0
-    v    = (code / 255)**4 * absmax                         # decode
+and at 4 bits one map, the zero-free linear map of Li et al. (2023)::
 
-At 4 bits, the zero-free linear map of Li et al. (2023), levels 1/16 .. 16/16::
+       level(c) = (c + 1) * (1 / 16)                          # c in [0, 15]
+       lo = min(max(floor(s * 16 - 1), 0), 14)
 
-    code = min(max(floor(s * 16 - 0.5), 0), 15)             # code in [0, 15]
-    v    = (code + 1) / 16 * absmax                          # decode
+v is rounded between the two levels around it with a dither ``u`` in [0, 1), so that the decoded
+value is unbiased: with map A unbiased in the scale of the update, 1 / sqrt(v), with ``r = sqrt(s)``
+and the levels' square roots ``l(c) = (c * (1 / 255))**2`` (the level's own intermediate); with map B
+and at 4 bits unbiased in value::
 
-Rounding is to the nearest level in the companded domain (8-bit m and v) or the value domain (4-bit m
-and v), ties upward. ``code_map(name, bits)`` lists the decoded levels (code 255 of the 8-bit m map is never
-written; it decodes like the formula).
+    map A:  code = lo + 1   if (u * (l(lo + 1) - l(lo))) * r < (r - l(lo)) * l(lo + 1) or s >= 1   else lo
+            code = max(code, 1)   if v > 0                                 # a positive v never decodes to 0
+    else:   code = lo + 1   if (s - level(lo)) > u * (level(lo + 1) - level(lo))   else lo
+    v = level(code) * a                                                     # decode
+
+In the step, ``u`` is ``lowbit_adamw.rng``'s dither (a Weyl sequence per element over the steps), so v
+does not drift over many re-encodings: rounding in the companded domain, or to nearest, ratchets v
+upwards (a step moves v by about 0.1%, less than half a code, so only the large moves upward survive:
++26% after 3000 steps of stationary noise). Unbiased in 1 / sqrt(v) rather than in v, a small v of a
+block (where neighbouring levels are far apart) rounds down less often: rounding down is what makes
+an update too large (the largest single update on real gradients: 2.3x lr against 4.8x unbiased in
+value; v's bias stays under 2%). Map B's levels are 0.2-0.4% apart, where the two rules agree. At 4
+bits the levels are 1/16 apart near the block maximum and unbiased in value keeps v's bias under 1%
+where unbiased in 1 / sqrt(v) leaves +6%. Elsewhere (``quantize_blockwise``: conversions, loading)
+``u = 1/2``.
 
 Rules
 -----
-* A block whose absmax is 0 stores the code of zero (127 or 7 for m, 0 for v) and decodes to zeros.
+* A block whose scale is 0 stores the code of zero (127 or 7 for m, 0 for v) and decodes to zeros.
 * The sign of a nonzero m is never flipped (8 bits: the sign is applied after rounding the magnitude;
   4 bits: the bounds either side of zero are +-0.00275, so a small m rounds to 0, never across).
-* A positive v never decodes to 0: the smallest level of a block is (1/255)**4 * absmax at 8 bits and
-  absmax / 16 at 4 bits (where a zero v in a block with a nonzero scale also decodes to absmax / 16).
-  Without this the update of a weight whose v rounded to zero becomes m / eps, 10^3..10^6 times too
-  large.
+* A positive v never decodes to 0 (v at least the smallest normal float32, and below that it does not
+  change the update against eps): the smallest level of a block is (1/255)**4 * a (map A), a / 2 (map B)
+  or a / 16 at 4 bits (where a zero v in a block with a nonzero scale also decodes to a / 16).
+* A v of inf (a finite gradient of 2e19 squares to inf) saturates the scale at the largest float32,
+  and a decoded v equal to it (the top code of a saturated block) is inf again: that weight's update
+  stays 0 as in fp32 AdamW, and no NaN reaches its block (its other elements decode finite).
 * Quantization happens after the update: the step works on the decoded fp32 values, then the new
-  block absmax is taken from the updated values and they are encoded against it.
+  block scale is taken from the updated values and they are encoded against it.
 
 Why these maps: measured against alternatives (``benchmarks/codec_quality.py``: update error against
-fp32 AdamW on real gradients of a small LM; ``benchmarks/convergence.py``: held-out loss after training).
-At 8 bits square-root/fourth-root companding gives two thirds of the update error of bitsandbytes'
-dynamic (tree) maps, and encoding is a couple of square roots instead of a search over 256 entries. At 4
-bits v's resolution near the block maximum matters most: the zero-free linear map beats fourth-root
-companding. For the 4-bit m map the two measures disagree: square-root companding (format v2) has the
-smaller update error, but in training it ended 2.6% / 3.4% above fp32 AdamW's held-out loss (lr 1e-3 /
-3e-3, 3 seeds) where the dynamic-exponent map ends within 2%; the finer levels near zero (0.0055 of the
-block maximum, against 0.02) are what keep small m from being rounded to 0. A symmetric variant and a
-scale that fits the negative extreme both trained worse. Rank-1 normalization of v gains 10% in update
-error but needs every row of a tensor before any can be encoded (a second pass, and an all-reduce under
-FSDP2), so blocks are kept.
+fp32 AdamW on real gradients of a small LM; ``benchmarks/codec_drift.py``: bias and error over 3000
+steps without resync; ``benchmarks/convergence.py``: held-out loss after training). At 8 bits
+square-root/fourth-root companding gives two thirds of the update error of bitsandbytes' dynamic (tree)
+maps on real gradients, where v spans decades within a block; where it does not (stationary noise:
+every v of a block within 20% of the largest), map B's codes are 4x finer there. At 4 bits v's
+resolution near the block maximum matters most: the zero-free linear map beats fourth-root companding.
+For the 4-bit m map the two measures disagree: square-root companding (format v2) has the smaller
+update error, but in training it ended 2.6% / 3.4% above fp32 AdamW's held-out loss (lr 1e-3 / 3e-3,
+3 seeds) where the dynamic-exponent map ends within 2%; the finer levels near zero (0.0055 of the
+block maximum, against 0.02) are what keep small m from being rounded to 0. Rank-1 normalization of v
+gains 10% in update error but needs every row of a tensor before any can be encoded (a second pass,
+and an all-reduce under FSDP2), so blocks are kept.
 
 State dict
 ----------
 Per parameter: ``step`` (float32 0-d tensor on the CPU, as torch), and either the quantized buffers above
 (``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ``exp_avg_sq_absmax``, and with amsgrad
-``max_exp_avg_sq_codes`` / ``max_exp_avg_sq_absmax``), or torch's own fp32 ``exp_avg`` / ``exp_avg_sq``
-(/ ``max_exp_avg_sq``) for parameters kept in fp32 state. The optimizer's state dict carries
+``max_exp_avg_sq_codes`` / ``max_exp_avg_sq_absmax``), or torch's own ``exp_avg`` / ``exp_avg_sq``
+(/ ``max_exp_avg_sq``) for parameters kept in full-precision state. The optimizer's state dict carries
 ``{"lowbit_adamw": {"format_version": FORMAT_VERSION, ...}}`` at top level and ``block_size`` and ``bits``
-in every param group. Version 1 (8 bits only, no ``bits`` key) loads as ``bits=8``: its bytes are the
-same. Version 2 differs only in the 4-bit m map (square-root companding on 7 levels a side); its 4-bit
-m codes are decoded with that map and re-encoded with this one on load (``m4_codes_from_v2``: one
-extra rounding of m). A state dict of another version, block size or width is refused.
+in every param group (``lowbit_adamw.checkpoint``). Versions 1 (8 bits only, no ``bits`` key) and 3
+decode unchanged under version 4's rules: their scales are never negative, and a positive scale
+selects what those versions wrote (map A; the 4-bit m map's positive side). Version 2 differs in the
+4-bit m map (square-root companding on 7 levels a side); its 4-bit m codes are decoded with that map and
+re-encoded with this one on load (``m4_codes_from_v2``: one extra rounding of m). A state dict of another
+version, block size or width is refused.
 """
 from __future__ import annotations
 
@@ -99,8 +126,11 @@ def is_signed(name: str) -> bool:
     """exp_avg is signed; exp_avg_sq and max_exp_avg_sq are not."""
     return name == "exp_avg"
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1 is 3 at 8 bits; 2 is 3 but for the 4-bit m map (m4_codes_from_v2)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1 and 3 decode as 4; 2 needs its 4-bit m re-encoded (m4_codes_from_v2)
+FLT_MAX = 3.4028234663852886e38
+FLT_MIN = 1.1754943508222875e-38  # the smallest normal float32
+V_SPLIT = 0.5  # 8-bit v: a block whose every v is at least this fraction of its largest uses map B
 BITS = (8, 4)
 DEFAULT_BLOCK_SIZE = 256  # at 8 bits
 DEFAULT_BLOCK_SIZE_4BIT = 128  # 1.0625 B/param; 256 has 1.5x the update error, 64 costs 1.125 B/param
@@ -259,56 +289,99 @@ def _blocks(x: torch.Tensor, block_size: int):
     return full, tail
 
 
-def _encode_rows(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: torch.Tensor, bits: int = 8) -> None:
-    """x: (rows, cols) fp32, encoded into codes (rows, cols) uint8, one code per element (unpacked),
-    and absmax (rows,) fp32. Uses x as scratch (it is a temporary of the step)."""
-    a = x.abs().amax(dim=1) if signed else x.amax(dim=1)
-    absmax.copy_(a)
+def scale_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """A block maximum as a scale's magnitude: saturated at FLT_MAX, flushed to 0 below FLT_MIN (NaN stays)."""
+    a = torch.where(a > FLT_MAX, torch.full_like(a, FLT_MAX), a)
+    return torch.where(a < FLT_MIN, torch.zeros_like(a), a)
+
+
+def v_level(c: torch.Tensor, map_b: torch.Tensor | None, bits: int = 8) -> torch.Tensor:
+    """The v level of codes ``c`` (fp32 integers), per the spec; ``map_b`` (bool, broadcastable) picks
+    map B at 8 bits."""
+    if bits == 4:
+        return (c + 1.0) * (1.0 / V4_LEVELS)
+    y = c * (1.0 / V_LEVELS)
+    y = y * y
+    a_level = y * y
+    if map_b is None:
+        return a_level
+    return torch.where(map_b, (c + 255.0) * (1.0 / 510.0), a_level)
+
+
+def encode_values(x: torch.Tensor, signed: bool, bits: int = 8, u: torch.Tensor | float = 0.5, sqrt=sqrt_rn):
+    """The spec's encoder on rows of fp32 ``x`` (rows, cols): (codes as fp32 integers, one per element,
+    and the signed scale per row). ``u``: v's dither (rows, cols) or a number; ``sqrt``: a correctly
+    rounded fp32 square root (ATen's CPU one is not: ``sqrt_rn``; inductor's and CUDA's are)."""
+    a = scale_magnitude(x.abs().amax(dim=1) if signed else x.amax(dim=1))
     # 1/0 for empty blocks gives inf; 0 * inf would be NaN, so use 0 as the inverse there.
-    inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
     if signed and bits == 4:
-        q = m4_encode(x.mul_(inv))
-    elif signed:
-        s = x.mul(inv)
-        q = sqrt_rn(s.abs()).mul_(M_LEVELS).add_(0.5).floor_()
-        q.copysign_(s).add_(M_LEVELS)
-    elif bits == 8:
-        pos = x > 0
-        q = sqrt_rn(sqrt_rn(x.mul_(inv))).mul_(V_LEVELS).add_(0.5).floor_()
-        q.masked_fill_(pos & (q == 0), 1.0)
-    else:
-        q = x.mul_(inv).mul_(float(V4_LEVELS)).sub_(0.5).floor_().clamp_(0.0, V4_LEVELS - 1.0)
+        scale = torch.where(-x.amin(dim=1) > x.amax(dim=1), -a, a)
+        inv = torch.where(a > 0, 1.0 / scale, torch.zeros_like(a)).unsqueeze(1)
+        return m4_encode(x * inv), scale
+    inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
+    s = x * inv
+    if signed:
+        q = torch.clamp(torch.floor(sqrt(s.abs()) * float(M_LEVELS) + 0.5), max=float(M_LEVELS))
+        return torch.copysign(q, s) + M_LEVELS, a
+    if bits == 4:  # unbiased in value between the two levels around s
+        lo = torch.clamp(torch.floor(s * float(V4_LEVELS) - 1.0), 0.0, V4_LEVELS - 2.0)
+        low, high = v_level(lo, None, 4), v_level(lo + 1.0, None, 4)
+        return lo + ((s - low) > (u * (high - low))).to(s.dtype), a
+    # 8 bits, map A: unbiased in the update's scale 1 / sqrt(v), with the levels' square roots y**2
+    r = sqrt(s)
+    lo_a = torch.clamp(torch.floor(sqrt(r) * float(V_LEVELS)), max=V_LEVELS - 1.0)
+    y_lo, y_hi = lo_a * (1.0 / V_LEVELS), (lo_a + 1.0) * (1.0 / V_LEVELS)
+    low, high = y_lo * y_lo, y_hi * y_hi
+    q_a = lo_a + ((((u * (high - low)) * r) < ((r - low) * high)) | (s >= 1.0)).to(s.dtype)  # s >= 1: saturated by inf
+    q_a = torch.where((x > 0) & (q_a == 0), torch.ones_like(q_a), q_a)  # a positive v never decodes to 0
+    # map B: unbiased in value (its levels are 1/510 apart)
+    lo_b = torch.clamp(torch.floor(s * 510.0 - 255.0), 0.0, V_LEVELS - 1.0)
+    low_b, high_b = (lo_b + 255.0) * (1.0 / 510.0), ((lo_b + 1.0) + 255.0) * (1.0 / 510.0)
+    q_b = lo_b + ((s - low_b) > (u * (high_b - low_b))).to(s.dtype)
+    map_b = ((s.amin(dim=1) >= V_SPLIT) & (a > 0)).unsqueeze(1)
+    return torch.where(map_b, q_b, q_a), torch.where(map_b[:, 0], -a, a)
+
+
+def decode_values(codes: torch.Tensor, scale: torch.Tensor, signed: bool, bits: int = 8) -> torch.Tensor:
+    """The spec's decoder: codes (rows, cols), one per element (any integer dtype), and the signed scale
+    per row -> fp32 values."""
+    a = scale.unsqueeze(1)
+    if signed and bits == 4:
+        return m4_table(codes.device)[codes.long()] * a
+    c = codes.to(torch.float32)
+    if signed:
+        y = (c - M_LEVELS) * (1.0 / M_LEVELS)
+        return y * y.abs() * a
+    # a zero scale (a block of zeros) decodes to 0 for every code; a saturated one's top code to inf
+    v = v_level(c, None, 4) * a if bits == 4 else v_level(c, a < 0, 8) * a.abs()
+    return torch.where(v == FLT_MAX, torch.full_like(v, float("inf")), v)
+
+
+def _encode_rows(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: torch.Tensor, bits: int = 8,
+                 u: torch.Tensor | float = 0.5) -> None:
+    q, scale = encode_values(x, signed, bits, u)
+    absmax.copy_(scale)
     codes.copy_(q)
 
 
 def _decode_rows(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, out: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """codes (rows, cols) uint8, one per element, absmax (rows,) -> out (rows, cols) fp32."""
-    a = absmax.unsqueeze(1)
-    if signed and bits == 4:
-        return torch.index_select(m4_table(out.device), 0, codes.reshape(-1).long(), out=out.view(-1)).view(out.shape).mul_(a)
-    if signed:
-        y = out.copy_(codes).sub_(M_LEVELS).mul_(1.0 / M_LEVELS)
-        return y.mul_(y.abs()).mul_(a)
-    if bits == 8:
-        y = out.copy_(codes).mul_(1.0 / V_LEVELS)
-        y.mul_(y)
-        return y.mul_(y).mul_(a)
-    # A zero scale (a block of zeros) decodes to 0 for every code, as the spec says.
-    return out.copy_(codes).add_(1.0).mul_(1.0 / V4_LEVELS).mul_(a)
+    return out.copy_(decode_values(codes, absmax, signed, bits))
 
 
 def encode_span(x: torch.Tensor, signed: bool, block_size: int, codes: torch.Tensor, absmax: torch.Tensor,
-                bits: int = 8) -> None:
+                bits: int = 8, u: torch.Tensor | None = None) -> None:
     """Encode fp32 span x (destroyed) into codes (``codes_numel(x.numel(), bits)`` bytes) and absmax
-    (one per block). The span starts on a block boundary."""
+    (one per block). The span starts on a block boundary. ``u``: v's dither for each element (fp32,
+    like x); None rounds v to nearest in the value domain (u = 1/2)."""
     unpacked = codes if bits == 8 else torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
     full, tail = _blocks(x, block_size)
     cf, ct = _blocks(unpacked, block_size)
+    uf, ut = _blocks(u, block_size) if u is not None else (0.5, 0.5)
     nfull = full.shape[0]
     if nfull:
-        _encode_rows(full, signed, cf, absmax[:nfull], bits)
+        _encode_rows(full, signed, cf, absmax[:nfull], bits, uf)
     if tail is not None:
-        _encode_rows(tail, signed, ct, absmax[nfull : nfull + 1], bits)
+        _encode_rows(tail, signed, ct, absmax[nfull : nfull + 1], bits, ut)
     if bits != 8:
         codes.copy_(pack_nibbles(unpacked))
 

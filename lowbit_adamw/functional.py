@@ -128,36 +128,12 @@ RECOMPILE_LIMIT = 128
 
 
 def _decode(codes, absmax, signed: bool, bits: int = 8):
-    a = absmax.unsqueeze(1)
-    if bits != 8:
-        codes = fmt.unpack_nibbles(codes)
-    if signed and bits != 8:
-        return fmt.m4_table(codes.device)[codes.long()] * a
-    if signed:
-        y = (codes.float() - fmt.M_LEVELS) * (1.0 / fmt.M_LEVELS)
-        return y * y.abs() * a
-    if bits != 8:
-        return (codes.float() + 1.0) * (1.0 / fmt.V4_LEVELS) * a
-    y = codes.float() * (1.0 / fmt.V_LEVELS)
-    y = y * y
-    return y * y * a
+    return fmt.decode_values(codes if bits == 8 else fmt.unpack_nibbles(codes), absmax, signed, bits)
 
 
-def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8):
+def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8, u=0.5):
     """Encode rows of x into codes/absmax; rows where ``ok`` (rows, 1) is False keep their old bytes."""
-    a = x.abs().amax(dim=1) if signed else x.amax(dim=1)
-    inv = torch.where(a > 0, 1.0 / a, torch.zeros_like(a)).unsqueeze(1)
-    if signed and bits != 8:
-        q = fmt.m4_encode(x * inv)
-    elif signed:
-        s = x * inv
-        q = torch.floor(torch.sqrt(s.abs()) * fmt.M_LEVELS + 0.5)
-        q = torch.copysign(q, s) + fmt.M_LEVELS
-    elif bits == 8:
-        q = torch.floor(torch.sqrt(torch.sqrt(x * inv)) * fmt.V_LEVELS + 0.5)
-        q = torch.where((x > 0) & (q == 0), torch.ones_like(q), q)
-    else:
-        q = torch.clamp(torch.floor(x * inv * float(fmt.V4_LEVELS) - 0.5), 0.0, fmt.V4_LEVELS - 1.0)
+    q, a = fmt.encode_values(x, signed, bits, u, sqrt=torch.sqrt)  # inductor's sqrt is correctly rounded
     if ok is not None:
         # Select in fp32, then cast once: the graph the 8-bit step's speed was measured with.
         q = torch.where(ok, q, (codes if bits == 8 else fmt.unpack_nibbles(codes)).float())
@@ -168,10 +144,11 @@ def _encode(x, signed: bool, codes, absmax, ok=None, bits: int = 8):
 
 
 def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: bool, clip: bool, ema=None, skip_nonfinite=False,
-                bits: int = 8, sr_key=None):
+                bits: int = 8, sr_key=None, v_dither=None):
     """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2), grad
     multiplier, clip value, ema momentum, 1 - ema momentum] (fp32). ``sr_key``: None, or int64
     [key, index of the first element] for stochastic rounding of 16-bit weights (``lowbit_adamw.rng``).
+    ``v_dither``: None (nearest), or int64 [key, offset, index of the first element] of v's dither.
     Returns the number of rows (blocks) skipped for a non-finite gradient (0-d int64)."""
     ok = torch.isfinite(g).all(dim=1, keepdim=True) if skip_nonfinite else None
     g32 = g.float() * k[8]
@@ -198,10 +175,14 @@ def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: boo
         ema_new = ema * k[10] + p_new.float() * k[11]
         ema.copy_(ema_new if ok is None else torch.where(ok, ema_new, ema))
     p.copy_(p_new)
+    u = 0.5
+    if v_dither is not None:
+        idx = (torch.arange(p.numel(), dtype=torch.int64, device=p.device).view(p.shape) + v_dither[2]) & rng.MASK32
+        u = (((rng.mix32_tensor(idx ^ v_dither[0]) + v_dither[1]) & rng.MASK32) >> 8).to(torch.float32) * (2.0**-24)
     _encode(m, True, codes[0], absmax[0], ok, bits)
-    _encode(v, False, codes[1], absmax[1], ok, bits)
+    _encode(v, False, codes[1], absmax[1], ok, bits, u)
     if amsgrad:
-        _encode(vh, False, codes[2], absmax[2], ok, bits)
+        _encode(vh, False, codes[2], absmax[2], ok, bits, u)
     if ok is None:
         return torch.zeros((), dtype=torch.int64)
     return (~ok).sum()
@@ -231,7 +212,7 @@ def _compiled_block_step():
 
 
 def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_mul: float = 1.0, ema_mom=None,
-                    bad_blocks=None, bits: int = 8, sr_key: int | None = None) -> int:
+                    bad_blocks=None, bits: int = 8, sr_key: int | None = None, v_dither=None, index_base: int = 0) -> int:
     """Run the compiled step over the whole blocks of a tensor; return where the eager path resumes
     (the last partial block), or 0 if compiling failed (then everything goes eager from now on)."""
     n = param.numel()
@@ -254,16 +235,18 @@ def _compiled_spans(param, grad, state, sc: StepScalars, block_size: int, grad_m
                    [state[nm + "_codes"][fmt.codes_numel(start, bits) : fmt.codes_numel(stop, bits)].view(rows, -1) for nm in names],
                    [state[nm + "_absmax"][b0:b1] for nm in names])
         ema = None if ema_mom is None else state["ema"].view(-1)[start:stop].view(rows, block_size)
-        key = None if sr_key is None else torch.tensor([sr_key, start], dtype=torch.int64, device=param.device)
+        key = None if sr_key is None else torch.tensor([sr_key, index_base + start], dtype=torch.int64, device=param.device)
+        dither = None if v_dither is None else torch.tensor([*v_dither, index_base + start], dtype=torch.int64,
+                                                            device=param.device)
         # The row count varies from tensor to tensor, the block size does not: one graph per block size.
         for t in (tensors[0], tensors[1], *tensors[2], *tensors[3], *([ema] if ema is not None else [])):
             torch._dynamo.mark_dynamic(t, 0)
         # One graph per (param dtype, block size, flags, rows == 1): a process that mixes many (the
         # tests do) would pass dynamo's default of 8 recompiles, so the limit is raised for our calls
         # that may compile. Only those: the patch costs about 1 ms, more than a small call.
-        args = (*tensors, k, sc.amsgrad, sc.maximize, clip, ema, sc.skip_nonfinite, bits, key)
+        args = (*tensors, k, sc.amsgrad, sc.maximize, clip, ema, sc.skip_nonfinite, bits, key, dither)
         variant = (param.dtype, grad.dtype, block_size, sc.amsgrad, sc.maximize, clip, ema is not None, sc.skip_nonfinite,
-                   rows == 1, param.device.type, bits, key is not None)
+                   rows == 1, param.device.type, bits, key is not None, dither is not None)
         try:
             skipped = None
             if variant in _compiled_variants:
@@ -297,7 +280,8 @@ def _ema_update(ema: torch.Tensor, written: torch.Tensor, mom: float) -> torch.T
 
 def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: StepScalars, block_size: int,
                      compiled: bool = False, grad_mul: float = 1.0, ema_mom: float | None = None,
-                     bad_blocks: torch.Tensor | None = None, bits: int = 8, sr_key: int | None = None) -> None:
+                     bad_blocks: torch.Tensor | None = None, bits: int = 8, sr_key: int | None = None,
+                     v_dither: tuple[int, int] | None = None, index_base: int = 0) -> None:
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     names = state_names(sc.amsgrad)
     flat_p = param.view(-1)
@@ -307,7 +291,8 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
         sr_key = None  # stochastic rounding is for 16-bit weights
     first = 0
     if compiled and compiled_available():
-        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks, bits, sr_key)
+        first = _compiled_spans(param, grad, state, sc, block_size, grad_mul, ema_mom, bad_blocks, bits, sr_key, v_dither,
+                                index_base)
     for start in range(first, n, fmt.CHUNK_ELEMENTS):
         stop = min(start + fmt.CHUNK_ELEMENTS, n)
         b0, b1 = start // block_size, fmt.num_blocks(stop, block_size)
@@ -333,7 +318,7 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
         p32 = p_chunk.to(torch.float32, copy=True)
         vmax = moments[2][3] if sc.amsgrad else None
         _update_chunk(p32, g32, moments[0][3], moments[1][3], vmax, sc, step_size, inv_bc2_sqrt, grad_mul)
-        written = _rounded_param(p_chunk, p32, sr_key, start)
+        written = _rounded_param(p_chunk, p32, sr_key, index_base + start)
         if ok is not None:
             written = torch.where(ok, written, p_chunk)
         if ema_mom is not None:
@@ -341,17 +326,20 @@ def _torch_step_8bit(param: torch.Tensor, grad: torch.Tensor, state: dict, sc: S
             new_ema = _ema_update(ema, written, ema_mom)
             ema.copy_(new_ema if ok is None else torch.where(ok, new_ema, ema))
         p_chunk.copy_(written)
+        u = None if v_dither is None else rng.dither(*v_dither, index_base + start, stop - start, param.device)
         for name, codes, absmax, buf in moments:
+            uu = None if fmt.is_signed(name) else u
             if ok is None:
-                fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax, bits)
+                fmt.encode_span(buf, fmt.is_signed(name), block_size, codes, absmax, bits, uu)
                 continue
             new_codes, new_absmax = torch.empty_like(codes), torch.empty_like(absmax)
-            fmt.encode_span(buf, fmt.is_signed(name), block_size, new_codes, new_absmax, bits)
+            fmt.encode_span(buf, fmt.is_signed(name), block_size, new_codes, new_absmax, bits, uu)
             codes.copy_(torch.where(ok[:: 8 // bits], new_codes, codes))  # a byte never spans two blocks
             absmax.copy_(torch.where(ok_blocks, new_absmax, absmax))
 
 
-def _torch_step_fp32_state(param, grad, state, sc: StepScalars, sr_key: int | None, grad_mul: float = 1.0) -> None:
+def _torch_step_fp32_state(param, grad, state, sc: StepScalars, sr_key: int | None, grad_mul: float = 1.0,
+                           index_base: int = 0) -> None:
     """fp32 state for a 16-bit parameter (torch's fused AdamW wants state in the parameter dtype)."""
     step_size, inv_bc2_sqrt = sc.corrections(float(state["step"]))
     flat_p, flat_g = param.view(-1), grad.reshape(-1)
@@ -363,7 +351,7 @@ def _torch_step_fp32_state(param, grad, state, sc: StepScalars, sr_key: int | No
         g32 = flat_g[sl].to(torch.float32, copy=True)
         _update_chunk(p32, g32, m_all[sl], v_all[sl], None if vmax_all is None else vmax_all[sl], sc, step_size, inv_bc2_sqrt,
                       grad_mul)
-        flat_p[sl].copy_(_rounded_param(flat_p[sl], p32, sr_key, start))
+        flat_p[sl].copy_(_rounded_param(flat_p[sl], p32, sr_key, index_base + start))
 
 
 def effective_grad_muls(grad_muls: list[float] | None, grad_mul_tensor: torch.Tensor | None, n: int) -> list[float]:
@@ -391,6 +379,8 @@ def adamw8bit_step(
     bad_blocks: torch.Tensor | None = None,
     bits: int = 8,
     sr_keys: list[int] | None = None,
+    v_dithers: list[tuple[int, int]] | None = None,
+    index_bases: list[int] | None = None,
 ) -> None:
     """Update a bucket of parameters with quantized state (``bits`` 8 or 4, see ``format``) in place.
     Every tensor is flat (1-d) in the order its blocks run (see ``lowbit_adamw.layout``), and
@@ -402,6 +392,9 @@ def adamw8bit_step(
     parameters' device) accumulates the number of blocks left untouched because their gradient had
     NaN/Inf (``scalars.skip_nonfinite``); nothing is read back. ``sr_keys`` (one ``lowbit_adamw.rng``
     key per tensor) drive stochastic rounding of 16-bit weights when ``scalars.stochastic_rounding``.
+    ``v_dithers`` (``(rng.dither_key, rng.dither_offset)`` per tensor) drive the rounding of v's codes
+    (``lowbit_adamw.format``); None rounds v with u = 1/2. ``index_bases``: per tensor, the index of its
+    first element in the whole parameter (a shard's offset), which the random numbers are indexed by.
 
     ``blocks_per_program`` and ``plan_cache`` only concern the Triton backend: quantization blocks per
     kernel program (a power of two), and a dict the caller keeps so per-tensor tables are built once."""
@@ -420,7 +413,8 @@ def adamw8bit_step(
             if fast:
                 sel = lambda xs: None if xs is None else [xs[i] for i in fast]  # noqa: E731
                 counts = cpu_kernel.cpu_step(sel(params), sel(grads), sel(states), scalars, block_size=block_size, bits=bits,
-                                             grad_muls=sel(muls), ema_moms=sel(ema_moms), sr_keys=sel(keys))
+                                             grad_muls=sel(muls), ema_moms=sel(ema_moms), sr_keys=sel(keys),
+                                             v_dithers=sel(v_dithers), index_bases=sel(index_bases))
                 if bad_blocks is not None and scalars.skip_nonfinite:
                     bad_blocks[fast] += counts.to(bad_blocks.dtype)
             # other dtypes, no library: the compiled step
@@ -429,14 +423,15 @@ def adamw8bit_step(
         for i in rest:
             _torch_step_8bit(params[i], grads[i], states[i], scalars, block_size, compiled=backend != "torch",
                              grad_mul=muls[i], ema_mom=moms[i], bad_blocks=None if bad_blocks is None else bad_blocks[i],
-                             bits=bits, sr_key=keys[i])
+                             bits=bits, sr_key=keys[i], v_dither=None if v_dithers is None else v_dithers[i],
+                             index_base=0 if index_bases is None else index_bases[i])
     elif backend == "triton":
         from .kernel_launch import triton_step_8bit
 
         triton_step_8bit(
             params, grads, states, scalars, block_size=block_size, blocks_per_program=blocks_per_program,
             plan_cache=plan_cache, grad_muls=grad_muls, grad_mul_tensor=grad_mul_tensor, ema_moms=ema_moms,
-            bad_blocks=bad_blocks, bits=bits, sr_keys=keys,
+            bad_blocks=bad_blocks, bits=bits, sr_keys=keys, v_dithers=v_dithers, index_bases=index_bases,
         )
     else:
         raise ValueError(f"backend must be 'torch', 'compiled', 'cpp' or 'triton', got {backend!r}")
@@ -445,7 +440,7 @@ def adamw8bit_step(
 def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: bool | None = None, fused: bool | None = None,
                     grad_muls: list[float] | None = None, grad_mul_tensor: torch.Tensor | None = None,
                     ema_moms: list[float] | None = None, bad_tensors: torch.Tensor | None = None,
-                    sr_keys: list[int] | None = None) -> None:
+                    sr_keys: list[int] | None = None, index_bases: list[int] | None = None) -> None:
     """Update parameters that keep full-precision exp_avg/exp_avg_sq (fp32, or float64 for float64
     parameters), each flat in its block order. float32 and float64 parameters go to torch's own fused
     (or foreach) AdamW; 16-bit ones are updated in fp32 by the chunked path above. ``state["step"]`` is
@@ -473,12 +468,12 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
             if keep:
                 fp32_state_step(sel(params), sel(grads), sel(states), plain, grad_muls=sel(grad_muls),
                                 grad_mul_tensor=None if grad_mul_tensor is None else grad_mul_tensor[keep],
-                                ema_moms=sel(ema_moms), sr_keys=sel(keys), **kw)
+                                ema_moms=sel(ema_moms), sr_keys=sel(keys), index_bases=sel(index_bases), **kw)
             return
         names = [k for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema") if k in states[0]]
         before = [(p.detach().clone(), {k: s[k].clone() for k in names}) for p, s in zip(params, states)]
         fp32_state_step(params, grads, states, plain, grad_muls=grad_muls, grad_mul_tensor=grad_mul_tensor, ema_moms=ema_moms,
-                        sr_keys=keys, **kw)
+                        sr_keys=keys, index_bases=index_bases, **kw)
         for i, (p, s) in enumerate(zip(params, states)):
             p0, s0 = before[i]
             p.copy_(torch.where(ok[i], p, p0))
@@ -534,7 +529,8 @@ def fp32_state_step(params, grads, states, scalars: StepScalars, *, foreach: boo
     for i in other:
         states[i]["step"] += 1
         m = mul_of(i)
-        _torch_step_fp32_state(params[i], grads[i], states[i], scalars, keys[i], m if isinstance(m, float) else m.item())
+        _torch_step_fp32_state(params[i], grads[i], states[i], scalars, keys[i], m if isinstance(m, float) else m.item(),
+                               0 if index_bases is None else index_bases[i])
     if ema_moms is not None:
         for p, s, mom in zip(params, states, ema_moms):
             s["ema"].copy_(_ema_update(s["ema"], p, mom))

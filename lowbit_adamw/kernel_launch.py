@@ -184,6 +184,8 @@ def triton_step_8bit(
     force_general: bool = False,
     bits: int = 8,
     sr_keys: list[int] | None = None,
+    v_dithers: list[tuple[int, int]] | None = None,
+    index_bases: list[int] | None = None,
 ) -> None:
     """The fused step over a bucket: one launch per alignment class (at most two). ``skip`` (bool per
     tensor, on the device) leaves chosen tensors untouched without a host sync. ``bad_blocks`` (int32
@@ -238,6 +240,10 @@ def triton_step_8bit(
                     _float_bits([moms[i] for i in idx]),
                     _float_bits([1.0 - moms[i] for i in idx]),
                     torch.tensor([keys[i] for i in idx], dtype=torch.int64),
+                    torch.tensor([0 if v_dithers is None else v_dithers[i][0] for i in idx], dtype=torch.int64),
+                    torch.tensor([0 if v_dithers is None else v_dithers[i][1] for i in idx], dtype=torch.int64),
+                    torch.full((len(idx),), int(v_dithers is not None), dtype=torch.int64),
+                    torch.tensor([0 if index_bases is None else index_bases[i] for i in idx], dtype=torch.int64),
                 ],
                 dim=1,
             )

@@ -18,6 +18,9 @@ Arguments (one bucket: one device, one parameter dtype, one kind of state):
                     (amsgrad: vmax codes, vmax scales), (EMA: ema); full-precision kind: exp_avg,
                     exp_avg_sq, (amsgrad: max_exp_avg_sq), (EMA: ema).
     steps           per parameter, its ``state["step"]`` (incremented here).
+    tensor_ids      per parameter, its position in the optimizer (the random numbers' stream).
+    index_bases     per parameter, the flat index of its first local element in the whole parameter
+                    (a shard's offset, 0 unsharded), so that the random numbers do not depend on sharding.
     grad_mul_tensor optional fp32 per parameter (device), times ``grad_muls``: step_spec's multiplier.
     hyper           lr (or lr_tensor, a 1-element tensor read here), beta1, beta2, eps, weight_decay,
                     clip_value (inf: off).
@@ -130,6 +133,7 @@ def step_(
     grad_muls: list[float],
     ema_moms: list[float],  # the EMA decay per parameter (0 on its first update), or empty without EMA
     tensor_ids: list[int],
+    index_bases: list[int],
     kind: str,
     backend: str,
     lr: float,
@@ -182,26 +186,29 @@ def step_(
         if kind == KIND_QUANTIZED:
             for s in steps:
                 s += 1
+            step_counts = [int(s.item()) for s in steps]
             keys = None
             if stochastic_rounding:
-                keys = [rng.tensor_key(seed, rng.STREAM_WEIGHTS, t, int(s.item())) for t, s in zip(tensor_ids, steps)]
+                keys = [rng.tensor_key(seed, rng.STREAM_WEIGHTS, t, s) for t, s in zip(tensor_ids, step_counts)]
+            dithers = [(rng.dither_key(seed, t), rng.dither_offset(s)) for t, s in zip(tensor_ids, step_counts)]
             adamw8bit_step(fps, fgs, fstates, sc, block_size=block_size, bits=bits, backend=backend,
                            plan_cache=plan_cache(cache_id), grad_muls=list(grad_muls), grad_mul_tensor=grad_mul_tensor,
-                           ema_moms=list(ema_moms) if ema else None, bad_blocks=counts if skip_nonfinite else None, sr_keys=keys)
+                           ema_moms=list(ema_moms) if ema else None, bad_blocks=counts if skip_nonfinite else None, sr_keys=keys,
+                           v_dithers=dithers, index_bases=list(index_bases))
         else:
             keys = None
             if stochastic_rounding:  # after torch's increment, the step the update is for
                 keys = [rng.tensor_key(seed, rng.STREAM_WEIGHTS, t, int(s.item()) + 1) for t, s in zip(tensor_ids, steps)]
             fp32_state_step(fps, fgs, fstates, sc, foreach=foreach, fused=fused, grad_muls=list(grad_muls),
                             grad_mul_tensor=grad_mul_tensor, ema_moms=list(ema_moms) if ema else None,
-                            bad_tensors=counts if skip_nonfinite else None, sr_keys=keys)
+                            bad_tensors=counts if skip_nonfinite else None, sr_keys=keys, index_bases=list(index_bases))
         for p, copy in backs:
             layout.real_view(p).copy_(copy)
     return counts
 
 
 @step_.register_fake
-def _(params, grads, state, steps, grad_mul_tensor, grad_muls, ema_moms, tensor_ids, kind, backend, lr, lr_tensor, beta1, beta2, eps,
+def _(params, grads, state, steps, grad_mul_tensor, grad_muls, ema_moms, tensor_ids, index_bases, kind, backend, lr, lr_tensor, beta1, beta2, eps,
       weight_decay, clip_value, amsgrad, maximize, bias_correction, stochastic_rounding, skip_nonfinite, block_size, bits, seed,
       foreach, fused, cache_id):
     return params[0].new_empty(len(params), dtype=torch.int32)

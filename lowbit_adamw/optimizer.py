@@ -245,6 +245,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self._in_backward = InBackward(self._step_in_backward_params, getattr(self, "_bucket_bytes", 64 << 20),
                                        self._finish_update) if self.step_in_backward else None
         self._warned_no_triton = False
+        self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
+        self._small_said = False
 
     # ---- copies: deepcopy, pickle, torch.save ----------------------------------------------------
 
@@ -389,11 +391,26 @@ class AdamW8bit(torch.optim.Optimizer):
                 return g
         raise KeyError("parameter is not in this optimizer")
 
-    def _wants_8bit(self, p: torch.Tensor, group: dict) -> bool:
+    def _wants_8bit(self, p: torch.Tensor, group: dict, min_size: int | None = None) -> bool:
         if p.dtype not in QUANTIZABLE_DTYPES or group["fp32_state"] or p in self._fp32_forced:
             return False
-        min_size = self._min_size_override.get(p, group["min_8bit_size"])
+        min_size = self._min_size_override.get(p, group["min_8bit_size"]) if min_size is None else min_size
         return layout.real_view(p).numel() >= min_size and sharding.can_quantize(p, group["block_size"])
+
+    def _say_small_fp32(self) -> None:
+        """Once, at the first step: a large share of the parameters keeps fp32 state only because each of
+        its tensors is under ``min_8bit_size`` (LoRA adapters: r x width is often 2-4k elements)."""
+        if self._small_said or not self._small_fp32:
+            return
+        self._small_said = True
+        total = sum(layout.real_view(sharding.local(p)).numel() for g in self.param_groups for p in g["params"] if p in self.state)
+        small = sum(n for n, _, _ in self._small_fp32)
+        if len(self._small_fp32) < 8 or small < 0.25 * total:  # a few biases and norms are what the default is for
+            return
+        saved = sum(n * 8 - n * fmt.state_bytes_per_element(bits, block) for n, bits, block in self._small_fp32)
+        warnings.warn(f"AdamW8bit: {len(self._small_fp32)} tensors ({100 * small / total:.0f}% of the parameters with state) keep "
+                      f"fp32 state (8 B/param) because each has fewer than min_8bit_size elements (as LoRA adapters do); "
+                      f"min_8bit_size=0 would save {saved / 2**20:.2f} MiB of optimizer state", UserWarning, stacklevel=4)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -418,6 +435,8 @@ class AdamW8bit(torch.optim.Optimizer):
                     state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=p.device)
             self._layouts[p] = (bits, block)
         else:
+            if self._wants_8bit(p, group, min_size=0):
+                self._small_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"]))
             for name in names:
                 state[name] = torch.zeros_like(p, dtype=checkpoint.full_state_dtype(p), memory_format=torch.preserve_format)
         return state
@@ -508,7 +527,9 @@ class AdamW8bit(torch.optim.Optimizer):
         the group changed; collects the parameters that have gradients. (torch.compile runs a method of
         this name eagerly, with the real tensors, instead of tracing it.)"""
         base_id = sum(len(g["params"]) for g in self.param_groups[: self._group_index(group)])
+        first: dict = {}  # a tensor listed twice keeps the position of its first listing (its random streams)
         for i, p in enumerate(group["params"]):
+            first.setdefault(p, i)
             if p.grad is None or (only is not None and p not in only):
                 continue
             label = self._label(group, i, p)
@@ -527,13 +548,15 @@ class AdamW8bit(torch.optim.Optimizer):
             params.append(p)
             grads.append(p.grad)
             labels.append(label)
-            tensor_ids.append(base_id + i)
+            tensor_ids.append(base_id + first[p])
             dev = sharding.local(p).device
             if (self.backend, str(dev)) not in self._resolved_backends:
                 self._resolved_backends[(self.backend, str(dev))] = self._resolve_backend(dev)
             gi = self._group_index(group)
             self._cache_id(gi, dev, sharding.local(p).dtype)
             self._reporter.prepare((gi, str(dev)), dev, [self._label(group, j, q) for j, q in enumerate(group["params"])])
+        if group is self.param_groups[-1]:
+            self._say_small_fp32()
 
     def _group_index(self, group) -> int:
         for i, g in enumerate(self.param_groups):
@@ -686,6 +709,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 [t for s in states for t in self._state_list(s, kind, sc["amsgrad"])], [s["step"] for s in states],
                 None if multiplier is None else multiplier[sel], [host_mul] * len(ps),
                 [] if self.ema_decay is None else [float(self.ema_decay)] * len(ps), [entries[i][4] for i in sel],
+                [sharding.flat_offset(p) for p in ps],
                 kind, self._resolved_backends[(self.backend, str(local_ps[nonempty[0]].device))] if quantized else "torch",
                 sc["lr"], sc["lr_tensor"], sc["beta1"], sc["beta2"], sc["eps"], sc["weight_decay"], sc["clip_value"], sc["amsgrad"],
                 sc["maximize"], sc["bias_correction"], sc["stochastic_rounding"], sc["skip_nonfinite"],

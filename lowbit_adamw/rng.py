@@ -19,6 +19,18 @@ paths compute it)::
     x ^= x >> 15;  x = (x * 0x735A2D97) mod 2**32
     x ^= x >> 15
 
+The second moment's codes are rounded with a *dither* instead: a Weyl sequence in the step, from a
+random phase per element::
+
+    key    = mix32(mix32(seed ^ STREAM_V) ^ tensor_id)                     # on the host, once per tensor
+    offset = (step * 0x9E3779B9) mod 2**32                                 # on the host, once per step
+    u      = (((mix32(key ^ (index mod 2**32)) + offset) mod 2**32) >> 8) * 2**-24
+
+so each element's rounding decisions over successive steps follow a low-discrepancy sequence: the
+rounding errors of consecutive steps cancel instead of adding up as independent draws would (v is an
+average over about 1 / (1 - beta2) steps, so independent rounding noise would accumulate). Measured
+in ``benchmarks/codec_drift.py``.
+
 A resumed run draws exactly the numbers the uninterrupted run would have drawn.
 """
 from __future__ import annotations
@@ -30,7 +42,8 @@ MUL1 = 0x21F0AAAD
 MUL2 = 0x735A2D97
 
 STREAM_WEIGHTS = 1  # stochastic rounding of 16-bit weights
-STREAM_V = 2  # stochastic rounding of the second moment's codes
+STREAM_V = 2  # the dither of the second moment's codes
+WEYL = 0x9E3779B9  # 2**32 / golden ratio
 
 
 def mix32(x: int) -> int:
@@ -61,4 +74,21 @@ def uniform(key: int, start: int, count: int, device) -> torch.Tensor:
     """The fp32 uniforms ``u`` of elements ``start .. start + count - 1`` under ``key``."""
     idx = torch.arange(start, start + count, dtype=torch.int64, device=device) & MASK32
     h = mix32_tensor(idx ^ key)
+    return (h >> 8).to(torch.float32) * (2.0**-24)
+
+
+def dither_key(seed: int, tensor_id: int) -> int:
+    """The per-tensor key of the second moment's dither (step-independent)."""
+    return mix32(mix32(seed ^ STREAM_V) ^ tensor_id)
+
+
+def dither_offset(step: int) -> int:
+    """The per-step offset of the dither's Weyl sequence."""
+    return (int(step) * WEYL) & MASK32
+
+
+def dither(key: int, offset: int, start: int, count: int, device) -> torch.Tensor:
+    """The fp32 dither ``u`` of elements ``start .. start + count - 1`` (see the module doc)."""
+    idx = torch.arange(start, start + count, dtype=torch.int64, device=device) & MASK32
+    h = (mix32_tensor(idx ^ key) + offset) & MASK32
     return (h >> 8).to(torch.float32) * (2.0**-24)

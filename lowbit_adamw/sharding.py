@@ -135,3 +135,14 @@ def norm_over_shards(norm: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
             sq = sq.clone()
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=p.device_mesh.get_group(dim))
     return sq.sqrt()
+
+
+def flat_offset(p: torch.Tensor) -> int:
+    """The flat (row-major) index of the rank-local shard's first element in the whole parameter: 0 for
+    a plain tensor. Defined for the placements that keep a shard one flat range (``Shard(0)``, ``Replicate``)."""
+    if not is_dtensor(p) or p.numel() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]) * row_length(p) if offset else 0

@@ -39,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--optim", default="adamw_8bit", help="TrainingArguments.optim for the install and plain routes")
     ap.add_argument("--report-out", default=None, help="write losses and optimizer facts as JSON here")
     args = ap.parse_args(argv)
 
@@ -51,7 +52,7 @@ def main(argv=None):
         logging_steps=1, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         report_to="none", use_cpu=not torch.cuda.is_available(), bf16=args.bf16, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
-        optim="adamw_torch" if args.route == "cls_kwargs" else "adamw_8bit",
+        optim="adamw_torch" if args.route == "cls_kwargs" else args.optim,
     )
     extra = {}
     if args.route == "cls_kwargs":
@@ -78,6 +79,7 @@ def main(argv=None):
                        "losses": {str(k): v for k, v in sorted(log.losses.items())},
                        "fp32_state_params": fp32,
                        "group_weight_decay": [g["weight_decay"] for g in inner.param_groups],
+                       "group_bits": [g.get("bits") for g in inner.param_groups],
                        "steps": {n: float(inner.state[p]["step"]) for n, p in model.named_parameters() if p in inner.state}},
                       f, indent=1)
 

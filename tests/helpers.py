@@ -86,36 +86,49 @@ def oracle_moments(param, grad, state, sc, block_size, grad_mul=1.0, bits=8):
     return values
 
 
-def _block_ratio(x: torch.Tensor, signed: bool, block_size: int) -> torch.Tensor:
-    """x / block absmax (flat, like x), as the encoder computes it."""
+def _block_rows(x: torch.Tensor, block_size: int):
     from lowbit_adamw import format as fmt
 
     n = x.numel()
     pad = torch.zeros(fmt.num_blocks(n, block_size) * block_size, device=x.device)
     pad[:n] = x
-    rows = pad.view(-1, block_size)
+    return pad.view(-1, block_size), n
+
+
+def _block_ratio(x: torch.Tensor, signed: bool, block_size: int) -> torch.Tensor:
+    """x / block absmax (flat, like x), as the encoder computes it."""
+    rows, n = _block_rows(x, block_size)
     a = rows.abs().amax(dim=1, keepdim=True) if signed else rows.amax(dim=1, keepdim=True)
     return (rows * torch.where(a > 0, 1.0 / a, torch.zeros_like(a))).reshape(-1)[:n]
 
 
-def near_boundary(x: torch.Tensor, signed: bool, block_size: int, bits: int = 8) -> torch.Tensor:
-    """Where the encoder's input is within BOUNDARY_ULPS fp32 ulps of a rounding boundary: the companded
-    value sqrt(|s|) * 127 or s**(1/4) * 255 or s * 16 - 1 (floored after + 0.5), or one of the 4-bit m
-    map's midpoints."""
+def near_boundary(x: torch.Tensor, signed: bool, block_size: int, bits: int = 8, u: float = 0.5) -> torch.Tensor:
+    """Where the encoder's decision is within BOUNDARY_ULPS fp32 ulps of flipping (format v4): for m, the
+    companded value sqrt(|s|) * 127 (floored after + 0.5) or one of the 4-bit m map's midpoints; for v,
+    the test (s - low) > u * (high - low) between the two levels around s, or the choice of those
+    levels (a companded value next to an integer). ``u``: v's dither (1/2 without one)."""
     from lowbit_adamw import format as fmt
 
     s = _block_ratio(x, signed, block_size)
+    tol = lambda c: BOUNDARY_ULPS * ulp(c, torch.float32)  # noqa: E731
     if signed and bits == 4:
         bounds = torch.tensor(fmt.M4_BOUNDS)
-        return ((s[:, None] - bounds).abs() <= BOUNDARY_ULPS * ulp(bounds, torch.float32)).any(dim=1)
+        return ((s.abs()[:, None] - bounds.abs()).abs() <= tol(bounds)).any(dim=1)
     if signed:
-        c = fmt.sqrt_rn(s.abs()) * fmt.M_LEVELS
-    elif bits == 8:
-        c = fmt.sqrt_rn(fmt.sqrt_rn(s)) * fmt.V_LEVELS
-    else:
+        c = fmt.sqrt_rn(s.abs()) * fmt.M_LEVELS + 0.5
+        return (c - c.round()).abs() <= tol(c)
+    rows, n = _block_rows(s, block_size)
+    if bits == 4:
         c = s * fmt.V4_LEVELS - 1.0
-    c = c + 0.5
-    return (c - c.round()).abs() <= BOUNDARY_ULPS * ulp(c, torch.float32)
+        lo = torch.clamp(torch.floor(c), 0, fmt.V4_LEVELS - 2.0)
+        map_b = None
+    else:
+        map_b = (rows.amin(dim=1, keepdim=True) >= fmt.V_SPLIT).reshape(-1, 1).expand(-1, block_size).reshape(-1)[:n]
+        c = torch.where(map_b, s * 510.0 - 255.0, fmt.sqrt_rn(fmt.sqrt_rn(s)) * fmt.V_LEVELS)
+        lo = torch.clamp(torch.floor(c), 0, fmt.V_LEVELS - 1.0)
+    low, high = fmt.v_level(lo, map_b, bits), fmt.v_level(lo + 1.0, map_b, bits)
+    decision = (s - low) - u * (high - low)
+    return ((c - c.round()).abs() <= tol(c)) | (decision.abs() <= tol(s))
 
 
 def codes_of(state, name, numel, bits=8):

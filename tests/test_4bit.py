@@ -43,14 +43,15 @@ def test_4bit_codes_are_the_nearest_level(n):
         codes, absmax = fmt.quantize_blockwise(x, signed, 128, bits=4)
         assert codes.numel() == (n + 1) // 2 and absmax.numel() == fmt.num_blocks(n, 128)
         got = fmt.unpack_nibbles(codes, n).long()
-        a = torch.nn.functional.pad(x.abs() if signed else x, (0, (-n) % 128)).view(-1, 128).amax(1)
-        a = a.repeat_interleave(128)[:n]
+        largest = torch.nn.functional.pad(x.abs() if signed else x, (0, (-n) % 128)).view(-1, 128).amax(1)
+        assert torch.equal(absmax.abs(), largest)  # m: the sign says on which side the largest |m| is
+        a = absmax.repeat_interleave(128)[:n]
         levels = fmt.code_map(name, 4)
         dist = (x / a)[:, None].sub(levels).abs()  # both maps: nearest level in the value domain
         best = dist.gather(1, got[:, None]).squeeze(1)
         assert (best <= dist.min(1).values + 1e-6).all(), name
         if signed:
-            assert (torch.sign(fmt.code_map(name, 4)[got]) * torch.sign(x) >= 0).all()  # the sign never flips
+            assert (torch.sign(fmt.code_map(name, 4)[got] * a) * torch.sign(x) >= 0).all()  # the sign never flips
 
 
 def test_4bit_v_never_decodes_to_zero_and_zero_blocks_stay_zero():
@@ -184,16 +185,11 @@ def test_4bit_converts_to_torch_adamw_and_back():
             assert torch.equal(torch_opt.state[p][name], dequantized(opt, p, name))
     back = AdamW8bit(model.parameters(), min_8bit_size=1024, bits=4)
     load_torch_adamw_state_dict(back, roundtrip(torch_opt.state_dict()))
-    for p in quantized:  # re-quantizing a dequantized 4-bit state gives the same codes back...
-        assert torch.equal(back.state[p]["exp_avg_sq_codes"], opt.state[p]["exp_avg_sq_codes"])
-        # ...except m's in blocks whose largest |m| is negative: the m map's most negative level is -0.8875,
-        # so such a block decodes to a smaller absmax and is re-encoded against it.
-        n, block = p.numel(), 128
-        codes = fmt.unpack_nibbles(opt.state[p]["exp_avg_codes"], n)
-        per_block = lambda x: torch.nn.functional.pad(x, (0, (-n) % block)).view(-1, block)  # noqa: E731
-        positive_top = (per_block(codes) == 15).any(1)  # code 15 is +1: the block's largest |m| is positive
-        same = (per_block(fmt.unpack_nibbles(back.state[p]["exp_avg_codes"], n)) == per_block(codes)).all(1)
-        assert same[positive_top].all() and positive_top.any()
+    for p in quantized:  # re-quantizing a dequantized 4-bit state gives the same codes and scales back, for
+        # either sign of a block's largest |m| (the scale's sign puts that element on the map's +1)
+        for key in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
+            assert torch.equal(back.state[p][key], opt.state[p][key]), key
+        assert (opt.state[p]["exp_avg_absmax"] < 0).any() and (opt.state[p]["exp_avg_absmax"] > 0).any()
     train(model, back, 2)
 
 

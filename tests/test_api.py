@@ -73,7 +73,7 @@ def test_schedulers_drive_the_step(make):
         runs.append((p.detach(), lrs))
     (pa, la), (pb, lb) = runs
     assert la == lb
-    assert (pa - pb).norm() / pa.norm() < 0.02
+    assert (pa - pb).norm() / pa.norm() < 0.05  # 8-bit moments (v dithered: unbiased over long runs, noisier over 20 steps)
 
 
 def test_lr_as_tensor_and_param_groups_with_own_settings():

@@ -71,3 +71,16 @@ def test_first_step_times_cold_and_cached_builds(tmp_path):
     rows = json.load(open(tmp_path / "f.json"))["results"]
     assert [(r["backend"], r["bits"]) for r in rows] == [("torch-fused", 8), ("cpp", 8)]
     assert all(r[k] > 0 for r in rows for k in ("cold_first_step_s", "warm_first_step_s", "later_step_s"))
+
+
+def test_codec_drift_tracks_decoded_state_against_fp32_moments(monkeypatch):
+    import codec_drift
+
+    monkeypatch.setattr(codec_drift, "REPORT_AT", (20, 40))  # what main() sets from --steps
+    r = codec_drift.run_stream("noise", 40, ["lowbit_8bit", "lowbit_4bit"], quick=True)
+    assert r["stream"] == "noise" and r["steps"] == 40 and r["max_update_fp32"] > 0
+    for name, res in r["results"].items():
+        last = res["rows"][-1]
+        assert last["step"] == 40 and last["max_update_fp32"] == r["max_update_fp32"]
+        assert abs(last["v_bias"]) < 0.05, name  # the dithered v does not creep (format v4)
+        assert 0 < last["update_error"] < (0.05 if name == "lowbit_8bit" else 0.6), name

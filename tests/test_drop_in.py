@@ -146,7 +146,8 @@ def _saved_state():
 
 @pytest.mark.parametrize("corrupt,match", [
     (lambda sd: sd["state"][0]["exp_avg_absmax"].__setitem__(3, float("nan")), "'w'.*NaN, infinite or negative"),
-    (lambda sd: sd["state"][0]["exp_avg_sq_absmax"].__setitem__(0, -1.0), "'w'.*NaN, infinite or negative"),
+    (lambda sd: sd["state"][0]["exp_avg_absmax"].__setitem__(0, -1.0), "'w'.*NaN, infinite or negative"),  # 8-bit m: >= 0
+    (lambda sd: sd["state"][0]["exp_avg_sq_absmax"].__setitem__(1, float("inf")), "'w'.*exp_avg_sq_absmax.*NaN, infinite"),
     (lambda sd: sd["state"][0].__setitem__("step", torch.tensor(float("nan"))), "'w'.*step is nan"),
     (lambda sd: sd["state"][0].__setitem__("step", -2), "'w'.*step is -2"),
     (lambda sd: sd["param_groups"][0].__setitem__("lr", float("nan")), "param group 0.*learning rate"),

@@ -18,14 +18,19 @@ def test_round_trip_error_is_within_half_a_level(block, n):
         assert codes.shape == (n,) and absmax.shape == (fmt.num_blocks(n, block),)
         d = fmt.dequantize_blockwise(codes, absmax, signed, block)
         a = absmax.repeat_interleave(block)[:n]
-        # In the companded domain every value is within half a level (+ float slack) of its code.
-        if signed:
+        if signed:  # in the companded domain every value is within half a level (+ float slack) of its code
             err = (d.abs() / a).sqrt() - (y.abs() / a).sqrt()
             assert err.abs().max() <= 0.5 / fmt.M_LEVELS + 1e-6
         else:
-            err = (d / a).sqrt().sqrt() - (y / a).sqrt().sqrt()
-            # the zero-point guard may lift a value below the first level up to it
-            assert err.abs().max() <= 1.0 / fmt.V_LEVELS + 1e-6
+            # v rounds to one of the two levels around it. Map A (positive scale): within one level in the
+            # companded domain (the zero-point guard may lift a value below the first level up to it);
+            # map B (negative scale): within 1/510.
+            map_b = a < 0
+            a = a.abs()
+            err_a = (d / a).sqrt().sqrt() - (y / a).sqrt().sqrt()
+            assert (err_a[~map_b].abs() <= 1.0 / fmt.V_LEVELS + 1e-6).all()
+            assert (((d - y) / a)[map_b].abs() <= 1.0 / 510 + 1e-6).all()
+            assert (y[map_b] >= 0.5 * a[map_b]).all()
 
 
 def test_codes_are_nearest_level_in_companded_domain():

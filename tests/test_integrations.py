@@ -82,7 +82,11 @@ def test_optim_args_errors_name_the_option():
     assert parse_optim_args(None) == {}
 
 
-def test_install_routes_only_the_8bit_names(tmp_path):
+ROUTED = {"adamw_8bit": 8, "adamw_bnb_8bit": 8, "paged_adamw_8bit": 8, "adamw_torch_8bit": 8, "adamw_torch_4bit": 4}
+LEFT = ("paged_adamw_32bit", "lion_8bit", "paged_lion_8bit", "ademamix_8bit", "rmsprop_bnb_8bit")
+
+
+def test_install_routes_every_8bit_adamw_string_and_leaves_the_others(tmp_path, caplog):
     from transformers import Trainer
 
     from lowbit_adamw.integrations import transformers as hf
@@ -90,9 +94,22 @@ def test_install_routes_only_the_8bit_names(tmp_path):
     model = llama()
     hf.install()
     try:
-        assert Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_8bit"), model)[0] is AdamW8bit
-        assert Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_bnb_8bit"), model)[0] is AdamW8bit
+        for name, bits in ROUTED.items():
+            cls, kw = Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim=name), model)
+            assert cls is AdamW8bit and kw.get("bits", 8) == bits, name
+            assert any(name in r.getMessage() and "in place of" in r.getMessage() for r in caplog.records), name
+        # the user's optim_args win over a route's own setting
+        _, kw = Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_torch_4bit", optim_args="bits=8"), model)
+        assert kw["bits"] == 8
         assert Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_torch"), model)[0] is torch.optim.AdamW
+        for name in LEFT:
+            assert hf.left_to_owner(name) and name not in hf.ROUTES
+            with pytest.raises(ValueError, match=f"{name!r} is left to its owner"):
+                hf.install(optim_names=(name,))
+        with pytest.raises(ValueError, match="'adamw_9bit' is not an 8-bit AdamW string"):
+            hf.install(optim_names=("adamw_9bit",))
+        hf.install(optim_names=("adamw_torch_4bit",))  # adds to the default set (already in it): nothing is lost
+        assert Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_8bit"), model)[0] is AdamW8bit
         opt = Trainer(model=model, args=training_args(tmp_path, optim="adamw_8bit")).create_optimizer()
         assert isinstance(opt, AdamW8bit) and len(opt.param_groups) == 2
         hf.install()  # idempotent: a second install must not wrap the wrapper
@@ -100,6 +117,58 @@ def test_install_routes_only_the_8bit_names(tmp_path):
         hf.uninstall()
     cls, _ = Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_8bit"), model)
     assert cls is not AdamW8bit and "bitsandbytes" in cls.__module__
+
+
+def _without_peers(tmp_path):
+    """An environment in which bitsandbytes and torchao cannot be imported (a sitecustomize blocks them)."""
+    site = tmp_path / "no_peers"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text("import sys\nfor _m in ('bitsandbytes', 'torchao'):\n    sys.modules[_m] = None\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def test_install_takes_every_routed_string_without_bitsandbytes_or_torchao(tmp_path):
+    script = (
+        "import importlib, torch\n"
+        "from transformers import Trainer, TrainingArguments\n"
+        "from lowbit_adamw import AdamW8bit\n"
+        "from lowbit_adamw.integrations import transformers as hf\n"
+        "for m in ('bitsandbytes', 'torchao'):\n"
+        "    try:\n        importlib.import_module(m)\n        raise SystemExit(m + ' importable')\n"
+        "    except ImportError:\n        pass\n"
+        "hf.install()\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(64, 80))\n"
+        f"for name, bits in {ROUTED!r}.items():\n"
+        "    a = TrainingArguments(output_dir=%r, use_cpu=True, report_to='none', optim=name)\n"
+        "    opt = Trainer(model=model, args=a).create_optimizer()\n"
+        "    opt = getattr(opt, 'optimizer', opt)\n"
+        "    assert type(opt) is AdamW8bit and opt.param_groups[0]['bits'] == bits, name\n"
+        "print('routed', len(%r))\n" % (str(tmp_path / "o"), ROUTED)
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", script], env=_without_peers(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "routed 5" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw_torch_4bit"])
+def test_wrapper_runs_a_script_without_bitsandbytes_or_torchao(tmp_path, optim):
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-P", "-m", "lowbit_adamw.integrations.transformers", "--lowbit-optim-names", optim,
+           os.path.join(RECIPES, "hf_trainer_finetune.py"), "--route", "plain", "--optim", optim, "--steps", "2",
+           "--output-dir", str(tmp_path / "o"), "--report-out", str(report)]
+    env = dict(_without_peers(tmp_path), CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = json.loads(report.read_text())
+    assert got["optimizer"] == "lowbit_adamw.optimizer.AdamW8bit" and set(got["group_bits"]) == {ROUTED[optim]}
+    assert f"optim={optim!r} runs lowbit_adamw.AdamW8bit" in out.stderr
+
+
+def test_wrapper_refuses_a_string_left_to_its_owner():
+    from lowbit_adamw.integrations import transformers as hf
+
+    with pytest.raises(ValueError, match="'lion_8bit' is left to its owner: Lion is not AdamW"):
+        hf.main(["--lowbit-optim-names", "lion_8bit", "train.py"])
 
 
 def test_install_fails_loudly_if_transformers_changes(monkeypatch):

@@ -3,8 +3,11 @@ callable lr) and GradScaler's fused path. Each is held to a plain implementation
 the option applied inside the step must equal feeding the transformed gradient to a plain step,
 on the eager path, the compiled path and the Triton kernel (under the interpreter)."""
 
+import warnings
+
 import pytest
 import torch
+from torch import nn
 
 from lowbit_adamw import AdamW8bit
 
@@ -286,3 +289,23 @@ def test_ema_overwrite_frequency_writes_the_average_into_the_weights():
         assert all(same) if k < 2 else not any(same)
     with pytest.raises(ValueError, match="ema_overwrite_frequency needs ema_decay"):
         AdamW8bit(params(), ema_overwrite_frequency=2)
+
+
+def test_first_step_says_when_min_8bit_size_keeps_most_state_fp32():
+    # LoRA with r=8 on a 384-wide model: every adapter matrix has 3072 elements, under min_8bit_size=4096
+    adapters = [nn.Parameter(torch.randn(8, 384) * 0.01) for _ in range(26)]
+    big = nn.Parameter(torch.randn(64, 128))  # quantized
+    opt = AdamW8bit(adapters + [big], lr=1e-3)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    with pytest.warns(UserWarning, match=r"26 tensors \(91% of the parameters with state\) keep fp32 state.*"
+                                         r"min_8bit_size=0 would save 0\.45 MiB"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once only
+        zero = AdamW8bit(adapters, lr=1e-3, min_8bit_size=0)
+        zero.step()
+        assert all("exp_avg_codes" in zero.state[p] for p in adapters)
+        few = AdamW8bit([big] + adapters[:3], lr=1e-3)  # a few small tensors (biases, norms): nothing to say
+        few.step()

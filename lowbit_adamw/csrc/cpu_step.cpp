@@ -4,7 +4,7 @@
 //
 // The arithmetic is lowbit_adamw.step_spec's, operation for operation: IEEE multiply, add, divide and
 // square root, each rounded on its own (built with -ffp-contract=off, no -ffast-math), so the results
-// are the eager PyTorch path's to the bit. The state format is lowbit_adamw.format's (v3).
+// are the eager PyTorch path's to the bit. The state format is lowbit_adamw.format's (v4).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +30,9 @@ struct Tensor {  // per tensor
   int64_t numel;
   float step_size, inv_bc2_sqrt, grad_mul, ema_mom, one_minus_ema_mom;
   uint32_t sr_key;  // lowbit_adamw.rng: the key of this tensor's stochastic rounding of the weights at this step
+  uint32_t v_key, v_offset;  // lowbit_adamw.rng: the dither of v's codes (per-tensor key, per-step Weyl offset)
+  uint32_t v_dither;  // 0: no dither, u = 1/2
+  int64_t index_base;  // the index of element 0 in the whole parameter (a shard's offset): what the random numbers index
 };
 
 inline float load_param(const float* p, int64_t i) { return p[i]; }
@@ -55,6 +58,9 @@ inline uint32_t mix32(uint32_t x) {
   return x ^ (x >> 15);
 }
 inline float uniform(uint32_t key, int64_t i) { return float(mix32(key ^ uint32_t(i)) >> 8) * (1.0f / 16777216.0f); }
+inline float dither(uint32_t key, uint32_t offset, int64_t i) {
+  return float((mix32(key ^ uint32_t(i)) + offset) >> 8) * (1.0f / 16777216.0f);
+}
 
 // functional.stochastic_round_ for bf16: toward zero, then one unit away from zero when u < the fraction of the gap.
 inline void store_param_stochastic(uint16_t* p, int64_t i, float x, float u) {
@@ -124,6 +130,38 @@ inline float block_max(const float* x, int n) {
   return any_nan ? std::numeric_limits<float>::quiet_NaN() : a;
 }
 
+// min over x[0..n) of x, NaN propagating like torch.amin.
+inline float block_min(const float* x, int n) {
+  fvec acc = {};
+  ivec nan = {};
+  acc = acc + x[0];
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    fvec y;
+    std::memcpy(&y, x + i, sizeof(y));
+    acc = y < acc ? y : acc;
+    nan |= y != y;
+  }
+  float a = acc[0];
+  int any_nan = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    a = acc[j] < a ? acc[j] : a;
+    any_nan |= nan[j];
+  }
+  for (; i < n; ++i) {
+    a = x[i] < a ? x[i] : a;
+    any_nan |= x[i] != x[i];
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : a;
+}
+
+// A block maximum as the magnitude of its scale (lowbit_adamw.format): saturated at FLT_MAX, flushed to 0
+// below FLT_MIN so that its reciprocal never overflows; NaN stays NaN.
+inline float scale_magnitude(float a) {
+  a = a > 3.4028234663852886e38f ? 3.4028234663852886e38f : a;
+  return a < 1.1754943508222875e-38f ? 0.0f : a;
+}
+
 // Codes of elements start .. start + n - 1 as floats (start is even at 4 bits: blocks hold an even count).
 template <int BITS>
 inline void load_codes(const uint8_t* codes, int64_t start, int n, float* out) {
@@ -143,14 +181,20 @@ inline float decode_m8(float c, float a) {
   return y * std::fabs(y) * a;
 }
 
+inline float level_a(float c) {  // 8-bit v, map A: fourth-root companding
+  float y = c * (1.0f / 255.0f);
+  y = y * y;
+  return y * y;
+}
+inline float level_b(float c) { return (c + 255.0f) * (1.0f / 510.0f); }  // 8-bit v, map B: linear on [1/2, 1]
+inline float level_v4(float c) { return (c + 1.0f) * (1.0f / 16.0f); }
+
+// v from its code and the block's signed scale (at 8 bits a negative scale selects map B); the top code of
+// a saturated block (FLT_MAX) is inf, as the v that saturated it was.
 template <int BITS>
 inline float decode_v(float c, float a) {
-  if (BITS == 8) {
-    float y = c * (1.0f / 255.0f);
-    y = y * y;
-    return y * y * a;
-  }
-  return (c + 1.0f) * (1.0f / 16.0f) * a;
+  const float v = BITS == 8 ? (a < 0.0f ? level_b(c) * -a : level_a(c) * a) : level_v4(c) * a;
+  return v == 3.4028234663852886e38f ? std::numeric_limits<float>::infinity() : v;
 }
 
 template <int BITS>
@@ -158,6 +202,7 @@ inline float encode_m(float x, float inv, const Consts& k) {
   float s = x * inv;
   if (BITS == 8) {
     float q = std::floor(std::sqrt(std::fabs(s)) * 127.0f + 0.5f);
+    q = q > 127.0f ? 127.0f : q;
     return std::copysign(q, s) + 127.0f;
   }
   float q = 0.0f;
@@ -165,15 +210,27 @@ inline float encode_m(float x, float inv, const Consts& k) {
   return q;
 }
 
+// v's code, rounded between the levels around s with the dither u (lowbit_adamw.format): 8-bit map A up when
+// (u * (l(hi) - l(lo))) * r < (r - l(lo)) * l(hi), l the levels' square roots and r = sqrt(s) (unbiased in
+// 1 / sqrt(v)); map B and 4 bits up when (s - low) > u * (high - low) (unbiased in v).
 template <int BITS>
-inline float encode_v(float x, float inv) {
-  float s = x * inv;
-  if (BITS == 8) {
-    float q = std::floor(std::sqrt(std::sqrt(s)) * 255.0f + 0.5f);
-    return (x > 0.0f && q == 0.0f) ? 1.0f : q;
+inline float encode_v(float x, float inv, bool map_b, float u) {
+  const float s = x * inv;
+  if (BITS == 4 || map_b) {
+    float lo = BITS == 4 ? std::floor(s * 16.0f - 1.0f) : std::floor(s * 510.0f - 255.0f);
+    const float top = BITS == 4 ? 14.0f : 254.0f;
+    lo = lo < 0.0f ? 0.0f : (lo > top ? top : lo);
+    const float low = BITS == 4 ? level_v4(lo) : level_b(lo), high = BITS == 4 ? level_v4(lo + 1.0f) : level_b(lo + 1.0f);
+    return lo + (((s - low) > u * (high - low)) ? 1.0f : 0.0f);
   }
-  float q = std::floor(s * 16.0f - 0.5f);
-  return q < 0.0f ? 0.0f : (q > 15.0f ? 15.0f : q);
+  const float r = std::sqrt(s);
+  float lo = std::floor(std::sqrt(r) * 255.0f);
+  lo = lo > 254.0f ? 254.0f : lo;
+  const float ylo = lo * (1.0f / 255.0f), yhi = (lo + 1.0f) * (1.0f / 255.0f);
+  const float low = ylo * ylo, high = yhi * yhi;
+  float q = lo + (((u * (high - low)) * r < (r - low) * high || s >= 1.0f) ? 1.0f : 0.0f);  // s >= 1: saturated by inf
+  if (x > 0.0f && q == 0.0f) q = 1.0f;  // a positive v never decodes to 0
+  return q;
 }
 
 inline float safe_inverse(float a) { return a > 0.0f ? 1.0f / a : 0.0f; }
@@ -192,15 +249,27 @@ inline void store_codes(uint8_t* codes, int64_t start, int n, const float* q) {
 
 template <int BITS>
 inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float* absmax_out, int64_t start, const Consts& k,
-                         float* q) {
-  const float a = is_signed ? block_max<true>(x, n) : block_max<false>(x, n);
-  float inv = safe_inverse(a);
-  if (is_signed)
+                         float* q, const Tensor& t) {
+  const float a = scale_magnitude(is_signed ? block_max<true>(x, n) : block_max<false>(x, n));
+  float scale = a;
+  if (is_signed) {
+    float inv = safe_inverse(a);
+    if (BITS == 4 && -block_min(x, n) > block_max<false>(x, n)) {  // the block's largest |m| is negative
+      scale = -a;
+      inv = a > 0.0f ? 1.0f / scale : 0.0f;
+    }
     for (int i = 0; i < n; ++i) q[i] = encode_m<BITS>(x[i], inv, k);
-  else
-    for (int i = 0; i < n; ++i) q[i] = encode_v<BITS>(x[i], inv);
+  } else {
+    const float inv = safe_inverse(a);
+    const bool map_b = BITS == 8 && a > 0.0f && block_min(x, n) * inv >= 0.5f;  // min of x * inv, as the spec's
+    if (map_b) scale = -a;
+    if (t.v_dither)
+      for (int i = 0; i < n; ++i) q[i] = encode_v<BITS>(x[i], inv, map_b, dither(t.v_key, t.v_offset, t.index_base + start + i));
+    else
+      for (int i = 0; i < n; ++i) q[i] = encode_v<BITS>(x[i], inv, map_b, 0.5f);
+  }
   store_codes<BITS>(codes, start, n, q);
-  *absmax_out = a;
+  *absmax_out = scale;
 }
 
 // One quantization block: returns 1 if it was skipped for a non-finite gradient.
@@ -242,7 +311,7 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
     float denom = std::sqrt(hi) * inv_bc2_sqrt + eps;
     float pi = load_param(p, i) * decay - step_size * (mi / denom);
     if (SR) {
-      store_param_stochastic(p, i, pi, uniform(t.sr_key, start + i));
+      store_param_stochastic(p, i, pi, uniform(t.sr_key, t.index_base + start + i));
       if (EMA) ema_out[i] = ema_out[i] * ema_mom + load_param(p, i) * one_minus_ema_mom;
     } else {
       if (EMA) ema_out[i] = ema_out[i] * ema_mom + stored_value(p, pi) * one_minus_ema_mom;
@@ -252,9 +321,9 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
     v[i] = vi;
     vh[i] = hi;
   }
-  encode_block<BITS>(m, n, true, t.mc, t.ma + b, start, k, q);
-  encode_block<BITS>(v, n, false, t.vc, t.va + b, start, k, q);
-  if (AMSGRAD) encode_block<BITS>(vh, n, false, t.xc, t.xa + b, start, k, q);
+  encode_block<BITS>(m, n, true, t.mc, t.ma + b, start, k, q, t);
+  encode_block<BITS>(v, n, false, t.vc, t.va + b, start, k, q, t);
+  if (AMSGRAD) encode_block<BITS>(vh, n, false, t.xc, t.xa + b, start, k, q, t);
   return 0;
 }
 

@@ -4,10 +4,13 @@ Three routes, from most explicit to least editing:
 
 1. ``Trainer(..., optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model))``: Trainer builds
    its decay / no-decay groups and hands them to ``AdamW8bit`` with the kwargs below.
-2. ``install()`` once before ``Trainer`` is created: ``optim="adamw_8bit"`` (and ``"adamw_bnb_8bit"``)
-   then build ``AdamW8bit`` instead of bitsandbytes' AdamW8bit. Nothing else in the script changes.
-3. ``python -m lowbit_adamw.integrations.transformers train.py --your --args``: runs an unmodified
-   script with ``install()`` applied.
+2. ``install()`` once before ``Trainer`` is created: ``optim="adamw_8bit"``, ``"adamw_bnb_8bit"``,
+   ``"paged_adamw_8bit"``, ``"adamw_torch_8bit"`` and ``"adamw_torch_4bit"`` (``bits=4``) then build
+   ``AdamW8bit`` (``ROUTES``: each logs once what it replaced and what differs); 32-bit and non-AdamW
+   strings stay with their owners. Nothing else in the script changes, and neither bitsandbytes nor
+   torchao needs to be installed.
+3. ``python -m lowbit_adamw.integrations.transformers [--lowbit-optim-names a,b] train.py --your --args``:
+   runs an unmodified script with ``install()`` applied.
 
 What "behaves like the built-in choice" means here: the same lr, betas, eps and weight decay from
 ``TrainingArguments``, Trainer's own decay / no-decay groups, and Trainer's bitsandbytes embedding
@@ -19,6 +22,7 @@ Trainer would otherwise apply to gradients that no longer exist: refused with a 
 """
 from __future__ import annotations
 
+import logging
 import os
 import runpy
 import sys
@@ -28,9 +32,37 @@ from torch import nn
 
 from ..optimizer import AdamW8bit
 
-# Names Trainer would otherwise send to bitsandbytes' 8-bit AdamW. Paged variants are left alone on
-# purpose: lowbit-adamw does not page state to host memory, so taking them over would change behaviour.
-DEFAULT_OPTIM_NAMES = ("adamw_8bit", "adamw_bnb_8bit")
+logger = logging.getLogger("lowbit_adamw")
+
+# The optim strings install() takes over: Trainer's name -> (our settings, what differs from its owner).
+ROUTES: dict[str, tuple[dict[str, Any], str]] = {
+    "adamw_8bit": ({}, "bitsandbytes' AdamW8bit in Trainer; the same 8-bit AdamW (2.03 B/param of state)"),
+    "adamw_bnb_8bit": ({}, "bitsandbytes' AdamW8bit; the same 8-bit AdamW (2.03 B/param of state)"),
+    "paged_adamw_8bit": ({}, ("bitsandbytes' paged AdamW8bit; state is not paged to host memory, it stays on the "
+                              "device, compact (2.03 B/param)")),
+    "adamw_torch_8bit": ({}, ("torchao's AdamW8bit; tensors under min_8bit_size=4096 elements keep fp32 state "
+                              "(torchao: tensors whose size is not a multiple of 256)")),
+    "adamw_torch_4bit": ({"bits": 4}, ("torchao's AdamW4bit; 4-bit state (1.06 B/param), tensors under "
+                                       "min_8bit_size=4096 elements keep fp32 state")),
+}
+DEFAULT_OPTIM_NAMES = tuple(ROUTES)
+
+# Strings left to their owners: not AdamW, or 32-bit state. Named in optim_names they are refused.
+_LEFT_PREFIXES = {
+    "paged_adamw_32bit": "32-bit state: there is nothing to save by quantizing it; bitsandbytes keeps it",
+    "adamw_bnb_32bit": "32-bit state: there is nothing to save by quantizing it; bitsandbytes keeps it",
+    "lion": "Lion is not AdamW: taking it over would change the update rule",
+    "paged_lion": "Lion is not AdamW: taking it over would change the update rule",
+    "ademamix": "AdEMAMix is not AdamW: taking it over would change the update rule",
+    "paged_ademamix": "AdEMAMix is not AdamW: taking it over would change the update rule",
+    "rmsprop": "RMSprop is not AdamW: taking it over would change the update rule",
+}
+
+
+def left_to_owner(name: str) -> str | None:
+    """Why ``name`` is left to the library Trainer maps it to, or None if it is not one of those."""
+    return next((why for prefix, why in _LEFT_PREFIXES.items() if name.startswith(prefix)), None)
+
 
 # optim_args keys we accept and how to parse their string values.
 _OPTIM_ARG_TYPES = {
@@ -124,11 +156,36 @@ def optimizer_cls_and_kwargs(args, model: nn.Module | None = None, *, embedding_
 _installed: dict[str, Any] = {}
 
 
-def install(optim_names=DEFAULT_OPTIM_NAMES, *, embedding_fp32: bool = True, **overrides) -> None:
-    """Make ``Trainer`` build ``AdamW8bit`` for ``optim`` in ``optim_names``; other names are untouched.
+def _routes(optim_names) -> set[str]:
+    names = set(DEFAULT_OPTIM_NAMES)
+    for n in optim_names or ():
+        n = str(getattr(n, "value", n))
+        if n in ROUTES:
+            names.add(n)
+        elif left_to_owner(n):
+            raise ValueError(f"install(optim_names=...): {n!r} is left to its owner: {left_to_owner(n)}. "
+                             f"lowbit-adamw takes {', '.join(ROUTES)}")
+        else:
+            raise ValueError(f"install(optim_names=...): {n!r} is not an 8-bit AdamW string Trainer knows; "
+                             f"lowbit-adamw takes {', '.join(ROUTES)}")
+    return names
 
-    This wraps ``Trainer.get_optimizer_cls_and_kwargs``, the public static method every Trainer calls
-    from ``create_optimizer``. Call ``uninstall()`` to restore it."""
+
+_said: set[str] = set()
+
+
+def _say_once(name: str, line: str) -> None:
+    if name not in _said:
+        _said.add(name)
+        logger.warning(line)
+
+
+def install(optim_names=(), *, embedding_fp32: bool = True, **overrides) -> None:
+    """Make ``Trainer`` build ``AdamW8bit`` for the optim strings of ``ROUTES``; others are untouched.
+
+    ``optim_names`` adds to that set (a name outside ``ROUTES`` is refused with the reason). This wraps
+    ``Trainer.get_optimizer_cls_and_kwargs``, the public static method every Trainer calls from
+    ``create_optimizer``. Call ``uninstall()`` to restore it."""
     try:
         from transformers import Trainer
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -143,11 +200,20 @@ def install(optim_names=DEFAULT_OPTIM_NAMES, *, embedding_fp32: bool = True, **o
             "optimizer_cls_and_kwargs=lowbit_adamw.integrations.transformers.optimizer_cls_and_kwargs(args, model) to Trainer instead"
         )
     original = _installed.get("original", original)
-    names = {str(getattr(n, "value", n)) for n in optim_names}
+    names = _routes(optim_names)
+    _said.clear()  # each install() says once per string what it routes
 
     def get_optimizer_cls_and_kwargs(args, model=None):
-        if str(getattr(args.optim, "value", args.optim)) in names:
-            return optimizer_cls_and_kwargs(args, model, embedding_fp32=embedding_fp32, **overrides)
+        name = str(getattr(args.optim, "value", args.optim))
+        if name in names:
+            settings, differs = ROUTES[name]
+            given = parse_optim_args(getattr(args, "optim_args", None))  # the user's optim_args win over the route's
+            settings = {k: v for k, v in settings.items() if k not in given}
+            _say_once(name, f"lowbit-adamw: optim={name!r} runs lowbit_adamw.AdamW8bit"
+                            f"{''.join(f' {k}={v}' for k, v in settings.items())} in place of {differs}")
+            return optimizer_cls_and_kwargs(args, model, embedding_fp32=embedding_fp32, **{**settings, **overrides})
+        if left_to_owner(name):
+            _say_once(name, f"lowbit-adamw: optim={name!r} is left to its owner ({left_to_owner(name)})")
         return original.__func__(args, model)
 
     _installed["original"] = original
@@ -165,11 +231,16 @@ def uninstall() -> None:
 def main(argv: list[str] | None = None) -> None:
     """``python -m lowbit_adamw.integrations.transformers script.py [args...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    names: list[str] = []
+    while argv and argv[0].startswith("--lowbit-optim-names"):
+        flag = argv.pop(0)
+        value = flag.split("=", 1)[1] if "=" in flag else (argv.pop(0) if argv else "")
+        names += [n for n in value.split(",") if n]
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lowbit_adamw.integrations.transformers SCRIPT.py [script args...]\n"
-              f"Runs SCRIPT with optim names {', '.join(DEFAULT_OPTIM_NAMES)} routed to lowbit_adamw.AdamW8bit.")
+        print("usage: python -m lowbit_adamw.integrations.transformers [--lowbit-optim-names a,b] SCRIPT.py [script args...]\n"
+              f"Runs SCRIPT with optim strings {', '.join(DEFAULT_OPTIM_NAMES)} (and any named) routed to lowbit_adamw.AdamW8bit.")
         raise SystemExit(0 if argv else 2)
-    install()
+    install(names)
     sys.argv = argv
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python SCRIPT.py` would
     runpy.run_path(argv[0], run_name="__main__")
