@@ -1,19 +1,30 @@
-"""lowbit-adamw: AdamW with 8-bit blockwise state, a fused Triton step on GPU and a fast PyTorch step elsewhere."""
-from .convert import load_torch_adamw_state_dict, to_torch_adamw_state_dict
-from .format import FORMAT_VERSION, dequantize_blockwise, quantize_blockwise
-from .functional import StepScalars, adamw8bit_step
-from .optimizer import AdamW8bit
-from .memory import optimizer_state_bytes
+"""lowbit-adamw: AdamW with 8-bit blockwise state, a fused Triton step on GPU and a fast PyTorch step elsewhere.
 
-__all__ = [
-    "AdamW8bit",
-    "adamw8bit_step",
-    "StepScalars",
-    "quantize_blockwise",
-    "dequantize_blockwise",
-    "to_torch_adamw_state_dict",
-    "load_torch_adamw_state_dict",
-    "optimizer_state_bytes",
-    "FORMAT_VERSION",
-]
+The names below load on first use (PEP 562), so that the command line's ``--help`` does not wait for torch."""
+import importlib
+
+_EXPORTS = {
+    "AdamW8bit": "optimizer",
+    "adamw8bit_step": "functional",
+    "StepScalars": "functional",
+    "quantize_blockwise": "format",
+    "dequantize_blockwise": "format",
+    "FORMAT_VERSION": "format",
+    "to_torch_adamw_state_dict": "convert",
+    "load_torch_adamw_state_dict": "convert",
+    "optimizer_state_bytes": "memory",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowbit_adamw' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -49,7 +49,7 @@ def state_dict(opt, base_state_dict) -> dict:
     sd = base_state_dict
     counters = run_counters(opt)
     sd[META_KEY] = {"format_version": fmt.FORMAT_VERSION, "block_size": opt.defaults["block_size"],
-                    "bits": opt.defaults["bits"], **counters}
+                    "bits": opt.defaults["bits"], **counters, "params": _param_records(opt)}
     for g, live in zip(sd["param_groups"], opt.param_groups):
         g[VERSION_KEY] = fmt.FORMAT_VERSION
         g[RUN_KEY] = dict(counters)
@@ -70,6 +70,18 @@ def state_dict(opt, base_state_dict) -> dict:
                 sd["state"][index] = dict(st, **{ORDER_KEY: torch.tensor(order, dtype=torch.int64)})
             index += 1
     return sd
+
+
+def _param_records(opt) -> list[dict]:
+    """Per saved parameter index, its logical shape and dtype: what lowbit_adamw.migrate needs to write the
+    state for another optimizer from the file alone (the ``lowbit-adamw convert`` command)."""
+    records, seen = [], set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                records.append({"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "complex": p.is_complex()})
+    return records
 
 
 def _bad(label: str, what: str) -> ValueError:
@@ -199,10 +211,18 @@ def load_state_dict(opt, state_dict: dict) -> None:
         if RUN_KEY in groups[0]:
             meta.update(groups[0][RUN_KEY])
     if meta is None:
-        raise ValueError(
-            "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry). "
-            "For a torch.optim.AdamW state dict use lowbit_adamw.load_torch_adamw_state_dict(optimizer, sd)"
-        )
+        from . import convert, migrate  # convert loads through this function
+
+        if migrate.identify(state_dict) is None:
+            raise ValueError(
+                "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry), nor by torch.optim.AdamW, "
+                "bitsandbytes' AdamW or torchao's AdamW, which load_state_dict converts"
+            )
+        torch_form, what = migrate.to_torch_form(state_dict)
+        convert.load_torch_adamw_state_dict(opt, torch_form)
+        warnings.warn(f"AdamW8bit.load_state_dict converted {what} (a one-time rounding to this optimizer's "
+                      f"{opt.defaults['bits']}-bit state)", stacklevel=4)
+        return
     version = meta.get("format_version")
     if version not in fmt.READABLE_VERSIONS:
         raise ValueError(

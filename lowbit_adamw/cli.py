@@ -13,16 +13,22 @@ import json
 import sys
 import time
 
-import torch
+# torch and the package are imported where a command runs, not here: ``--help`` answers at once.
 
-from .optimizer import AdamW8bit
-from .memory import optimizer_state_bytes
-from .tinylm import TinyLM, batches, held_out_loss, token_splits
 
-OPTIMIZERS = {
-    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
-    "adamw8bit": lambda params, lr: AdamW8bit(params, lr=lr),
-}
+def _torch_adamw(params, lr):
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def _adamw8bit(params, lr):
+    from .optimizer import AdamW8bit
+
+    return AdamW8bit(params, lr=lr)
+
+
+OPTIMIZERS = {"adamw": _torch_adamw, "adamw8bit": _adamw8bit}
 
 
 def _progress(total: int, desc: str):
@@ -51,6 +57,11 @@ def _progress(total: int, desc: str):
 def train_compare(optimizers=("adamw", "adamw8bit"), steps=200, lr=3e-3, batch_size=16, seq_len=128, dim=128,
                   layers=4, seed=0, progress=True) -> list[dict]:
     """Train the built-in TinyLM with each optimizer from one init and one batch order."""
+    import torch
+
+    from .memory import optimizer_state_bytes
+    from .tinylm import TinyLM, batches, held_out_loss, token_splits
+
     train_tokens, val_tokens = token_splits()
     results = []
     for name in optimizers:
@@ -133,6 +144,8 @@ def _run_train(args) -> int:
         import datetime
         import platform
 
+        import torch
+
         meta = dict(machine=platform.machine(), cpu_threads=torch.get_num_threads(), torch=torch.__version__,
                     python=platform.python_version(), date=datetime.date.today().isoformat(),
                     command="python -m lowbit_adamw " + " ".join(sys.argv[1:]))
@@ -142,11 +155,12 @@ def _run_train(args) -> int:
 
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
-    from .memory import DEFAULT_OPTIMIZERS, MODEL_CONFIGS, OPTIMIZERS
+    from .memory.catalog import DEFAULT_OPTIMIZERS, MODEL_CONFIGS, OPTIMIZERS
 
     p.add_argument("model_name", nargs="?", metavar="MODEL", help="the same as --model")
     p.add_argument("--model", default="llama-2-7b",
-                   help=f"built-in shape ({', '.join(['tinylm', *MODEL_CONFIGS])}) or a path to a config.json (default llama-2-7b)")
+                   help=f"built-in shape ({', '.join(['tinylm', *MODEL_CONFIGS])}; any case; their Hub ids too, e.g. "
+                        "meta-llama/Llama-2-7b-hf), a path to a config.json, or a Hub id in the local cache (default llama-2-7b)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="e.g. 24GiB: also print whether each configuration fits (weights, "
                    "peak gradients, state, activations); --png then draws that chart with the GPU's line")
     p.add_argument("--batch", type=int, default=1, help="sequences per step, for the activations (with --gpu-memory)")
@@ -154,7 +168,8 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (with --gpu-memory)")
     p.add_argument("--bucket-mb", type=float, default=64.0, help="step_in_backward_bucket_mb (with --gpu-memory)")
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma list from: {', '.join(OPTIMIZERS)}")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="weight dtype (default: the model's own)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="weight dtype (default: bf16 for the built-in LLMs, "
+                   "as they are trained; a config's torch_dtype; else the model's own)")
     p.add_argument("--measure", action="store_true", help="also train a few real steps per optimizer and report what was held")
     p.add_argument("--steps", type=int, default=3, help="steps per optimizer with --measure")
     p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON")
@@ -162,7 +177,10 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_memory(args) -> int:
+    import torch
+
     from . import memory
+    from .memory.models import default_dtype
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
@@ -171,11 +189,13 @@ def _run_memory(args) -> int:
         print(f"unknown optimizer(s) {', '.join(unknown)}; known: {', '.join(memory.OPTIMIZERS)}", file=sys.stderr)
         return 2
     model = args.model_name or args.model
+    if dtype is None:
+        dtype = default_dtype(model)
     try:
         reports = [memory.estimate(model, names, dtype=dtype)]
         fit = None
         if args.gpu_memory:
-            from .fit import fit_report
+            from .memory.fit import fit_report
 
             fit = fit_report(model, args.gpu_memory, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing,
                              dtype=dtype, bucket_mb=args.bucket_mb)
@@ -187,7 +207,10 @@ def _run_memory(args) -> int:
         print()
         print(fit.table())
     if args.measure:
-        reports.append(memory.measure(model, names, steps=args.steps, dtype=dtype))
+        bar = _progress(len(names) * args.steps, "measuring")
+        reports.append(memory.measure(model, names, steps=args.steps, dtype=dtype, progress=lambda name: (
+            bar.set_postfix(optimizer=name), bar.update(1))))
+        bar.close()
         print()
         print(reports[1].table())
         est, mea = reports
@@ -206,7 +229,50 @@ def _run_memory(args) -> int:
     return 0
 
 
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a Trainer checkpoint folder (its optimizer.pt) or an optimizer state file")
+    p.add_argument("--to", required=True, choices=("torch", "bnb"),
+                   help="torch: torch.optim.AdamW (Trainer optim adamw_torch...); bnb: bitsandbytes AdamW8bit (adamw_bnb_8bit, "
+                        "adamw_8bit, paged_adamw_8bit)")
+    p.add_argument("--min-8bit-size", type=int, default=4096,
+                   help="with --to bnb: smaller tensors get 32-bit state, as bitsandbytes' min_8bit_size (default 4096)")
+
+
+def _run_convert(args) -> int:
+    """Rewrite an AdamW8bit optimizer state for another optimizer; the original is kept beside it."""
+    from pathlib import Path
+
+    import torch
+
+    from . import migrate
+
+    path = Path(args.checkpoint)
+    path = path / "optimizer.pt" if path.is_dir() else path
+    kept = path.with_name(path.stem + ".lowbit" + path.suffix)
+    if not path.exists():
+        print(f"lowbit-adamw convert: {path} does not exist", file=sys.stderr)
+        return 2
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    kind = migrate.identify(sd)
+    if kind != "lowbit":
+        hint = f" (the AdamW8bit original is {kept})" if kept.exists() else ""
+        print(f"lowbit-adamw convert: {path} holds {kind or 'an unknown'} optimizer state, not AdamW8bit's{hint}; "
+              "AdamW8bit.load_state_dict reads torch, bitsandbytes and torchao state itself", file=sys.stderr)
+        return 2
+    try:
+        out = migrate.lowbit_to_torch(sd) if args.to == "torch" else migrate.lowbit_to_bnb(sd, args.min_8bit_size)
+    except (ValueError, ImportError) as e:
+        print(f"lowbit-adamw convert: {e}", file=sys.stderr)
+        return 2
+    path.replace(kept)
+    torch.save(out, path)
+    target = "torch.optim.AdamW" if args.to == "torch" else "bitsandbytes AdamW8bit"
+    print(f"{path}: {len(out['state'])} parameters' state written for {target}; the AdamW8bit original is {kept}")
+    return 0
+
+
 SUBCOMMANDS = {
+    "convert": ("rewrite a checkpoint's AdamW8bit state for torch.optim.AdamW or bitsandbytes", _add_convert_args, _run_convert),
     "memory": ("memory report: weights, grads, optimizer state by kind, per optimizer", _add_memory_args, _run_memory),
     "train": ("train a tiny LM with AdamW and AdamW8bit side by side (the default)", _add_train_args, _run_train),
 }

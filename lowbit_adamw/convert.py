@@ -7,12 +7,9 @@ import torch
 
 from . import format as fmt
 from . import layout
-from .checkpoint import ORDER_KEY, full_state_dtype
+from .checkpoint import META_KEY, ORDER_KEY, full_state_dtype
+from .migrate import TORCH_GROUP_KEYS, torch_groups
 
-_TORCH_GROUP_DEFAULTS = dict(
-    amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True
-)
-_TORCH_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
 def to_torch_adamw_state_dict(optimizer) -> dict:
@@ -20,14 +17,7 @@ def to_torch_adamw_state_dict(optimizer) -> dict:
     8-bit moments are dequantized to the parameter's shape (torch's loader casts them to the parameter
     dtype, as it does for any AdamW state)."""
     sd = optimizer.state_dict()
-    groups = []
-    for g in sd["param_groups"]:
-        ng = dict(_TORCH_GROUP_DEFAULTS)
-        ng.update({k: copy.deepcopy(g[k]) for k in _TORCH_GROUP_KEYS})
-        ng["params"] = list(g["params"])
-        if "param_names" in g:
-            ng["param_names"] = list(g["param_names"])
-        groups.append(ng)
+    groups = torch_groups(sd["param_groups"])
     params = {pid: p for g, live in zip(sd["param_groups"], optimizer.param_groups) for pid, p in zip(g["params"], live["params"])}
     block_of = {pid: (g["block_size"], g["bits"]) for g in sd["param_groups"] for pid in g["params"]}
     state = {}
@@ -60,7 +50,7 @@ def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
         if len(tg["params"]) != len(g["params"]):
             raise ValueError(f"param group {i}: torch state dict has {len(tg['params'])} parameters, the optimizer {len(g['params'])}")
         ng = {k: v for k, v in g.items() if k != "params"}
-        ng.update({k: copy.deepcopy(tg[k]) for k in _TORCH_GROUP_KEYS if k in tg})
+        ng.update({k: copy.deepcopy(tg[k]) for k in TORCH_GROUP_KEYS if k in tg})
         ng["params"] = list(tg["params"])
         groups.append(ng)
         id_to_param.update({pid: (p, g) for pid, p in zip(tg["params"], g["params"])})
@@ -85,4 +75,9 @@ def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
         state[pid] = out
     new_sd = optimizer.state_dict()
     new_sd["state"], new_sd["param_groups"] = state, groups
+    # The run continues where the other optimizer stopped: the update count (a callable lr's argument,
+    # the EMA phase) is the largest per-parameter step.
+    steps = [int(s["step"].item()) for s in state.values()]
+    if steps:
+        new_sd[META_KEY] = dict(new_sd[META_KEY], updates=max(steps))
     optimizer.load_state_dict(new_sd)

@@ -192,7 +192,7 @@ def test_report_states_what_gradient_accumulation_costs():
     assert len(mon.history) == 1  # the hook fires once per real update
 
 
-# ---- does it fit (lowbit_adamw.fit) ------------------------------------------------------------
+# ---- does it fit (lowbit_adamw.memory.fit) ------------------------------------------------------------
 
 
 def _tiny_llama():
@@ -210,7 +210,7 @@ def _tiny_llama():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activations_counted_on_fake_tensors_equal_a_real_forward(checkpointing):
     pytest.importorskip("transformers")
-    from lowbit_adamw.fit import activation_bytes
+    from lowbit_adamw.memory.fit import activation_bytes
     from lowbit_adamw.memory import _SavedBytes
 
     model = _tiny_llama()
@@ -229,7 +229,7 @@ def test_activations_counted_on_fake_tensors_equal_a_real_forward(checkpointing)
 
 def test_fit_report_rows_and_gpu_line(tmp_path):
     pytest.importorskip("transformers")
-    from lowbit_adamw.fit import fit_report, parse_size
+    from lowbit_adamw.memory.fit import fit_report, parse_size
     from lowbit_adamw.memory import estimate
 
     assert parse_size("24GiB") == parse_size("24GB") == parse_size("24G") == 24 * 2**30 and parse_size("512MiB") == 2**29
@@ -268,3 +268,84 @@ def test_cli_memory_fit_table(tmp_path, capsys):
     fit = json.loads(out.read_text())["fit"]
     assert fit["model"] == "llama-3.2-1b" and fit["checkpointing"] and all(row["fits"] for row in fit["rows"])
     assert (tmp_path / "fit.png").stat().st_size > 1000
+
+
+# ---- the command line as a new user meets it --------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["meta-llama/Llama-2-7b-hf", "LLAMA-2-7B", "Llama-2-7b-chat-hf", "meta-llama/llama-2-7b"])
+def test_hub_ids_and_any_case_map_to_the_built_in_shape(spec):
+    pytest.importorskip("transformers")
+    from lowbit_adamw.memory import load_model
+    from lowbit_adamw.memory.catalog import builtin_name
+
+    assert builtin_name(spec) == "llama-2-7b"
+    assert sum(p.numel() for p in load_model(spec).parameters()) == 6_738_415_616
+
+
+def test_unknown_hub_id_is_refused_naming_what_works():
+    pytest.importorskip("transformers")
+    from lowbit_adamw.memory import load_model
+
+    with pytest.raises(ValueError, match="config.json"):
+        load_model("nobody/no-such-model-anywhere")
+
+
+def test_encoder_config_is_sized_as_its_own_class(tmp_path):
+    pytest.importorskip("transformers")
+    from lowbit_adamw.memory import estimate, load_model
+
+    cfg = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+               vocab_size=500)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert type(load_model(str(tmp_path / "config.json"))).__name__ == "BertForMaskedLM"  # not BertLMHeadModel
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, architectures=["BertModel"])))
+    assert type(load_model(str(tmp_path))).__name__ == "BertModel"
+    assert estimate(str(tmp_path), ["lowbit_8bit"]).params == sum(p.numel() for p in load_model(str(tmp_path)).parameters())
+
+
+def test_built_in_llms_default_to_bf16_and_configs_to_their_dtype(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from lowbit_adamw.cli import main
+    from lowbit_adamw.memory.models import default_dtype
+
+    assert default_dtype("meta-llama/Llama-2-7b-hf") == torch.bfloat16
+    assert default_dtype("tinylm") is None
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_embd=64, n_layer=1, n_head=2, vocab_size=300,
+                                                          torch_dtype="float16")))
+    assert default_dtype(str(tmp_path / "config.json")) == torch.float16
+    assert main(["memory", "llama-2-7b", "--optimizers", "adamw"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "bfloat16" in first
+    assert main(["memory", "llama-2-7b", "--optimizers", "adamw", "--dtype", "fp32"]) == 0
+    assert "float32" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom lowbit_adamw.cli import main\n"
+            "for argv in (['--help'], ['memory', '--help'], ['convert', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "convert" in out.stdout and "--gpu-memory" in out.stdout
+
+
+def test_measure_reports_progress_per_step():
+    seen = []
+    measure("tinylm", ["adamw", "lowbit_8bit"], steps=2, progress=seen.append)
+    assert seen == ["adamw", "adamw", "lowbit_8bit", "lowbit_8bit"]
+
+
+def test_fit_chart_writes_its_numbers_on_the_bars():
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from lowbit_adamw.memory.fit import fit_report
+
+    r = fit_report("llama-2-7b", "24GiB", batch=1, seq=2048, checkpointing=True, dtype=torch.bfloat16)
+    fig = r.figure()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for row in r.rows:
+        assert f"{row.total / 2**30:.1f} GiB" in texts
+    assert f"{r.rows[0].weights / 2**30:.1f}" in texts  # the weights part of the first bar

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .memory import _SavedBytes, estimate_state_bytes, load_model, param_specs
+from .measurement import _SavedBytes
+from .models import from_config, load_model
+from .state import estimate_state_bytes, param_specs
 
 # name: (label, optimizer of memory.OPTIMIZERS for the state, step in backward)
 CONFIGS = {
@@ -69,18 +71,19 @@ def activation_bytes(model: str | nn.Module, batch: int, seq: int, checkpointing
         _fake_parameters(model, dtype)
         ids = torch.zeros(batch, seq, dtype=torch.long)
         with saved:
-            model(input_ids=ids, labels=ids).loss
+            try:
+                model(input_ids=ids, labels=ids)
+            except TypeError:  # a bare encoder takes no labels: its outputs are what backward starts from
+                model(input_ids=ids)
     return saved.bytes
 
 
 def _from_config(config) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     kw = {}
     if getattr(config, "_attn_implementation", None):  # eager attention saves other tensors than SDPA
         kw["attn_implementation"] = config._attn_implementation
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, **kw)
+        return from_config(config, **kw)
 
 
 @dataclass
@@ -128,7 +131,9 @@ class FitReport:
             row.update(total=r.total, fits=self.fits(r))
         return d
 
-    def plot(self, path: str) -> str:
+    def figure(self):
+        """The chart as a matplotlib figure: stacked GiB per configuration, each part and each total written
+        on its bar, the GPU's memory as a line."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -137,17 +142,30 @@ class FitReport:
         fig, ax = plt.subplots(figsize=(7, 4))
         parts = ("weights", "grads", "state", "activations")
         bottom = [0.0] * len(self.rows)
+        top = max(r.total for r in self.rows) / 2**30
         for part, color in zip(parts, ("#4c72b0", "#dd8452", "#55a868", "#8172b2")):
             vals = [getattr(r, part) / 2**30 for r in self.rows]
             ax.bar(range(len(self.rows)), vals, bottom=bottom, label=part, color=color)
+            for i, (b, v) in enumerate(zip(bottom, vals)):
+                if v >= 0.06 * top:  # a part too thin for its number keeps it in the table
+                    ax.text(i, b + v / 2, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white")
             bottom = [b + v for b, v in zip(bottom, vals)]
+        for i, total in enumerate(bottom):
+            ax.text(i, total, f"{total:.1f} GiB", ha="center", va="bottom", fontsize=8, fontweight="bold")
         ax.axhline(self.gpu_memory / 2**30, color="black", linestyle="--", label=f"GPU {self.gpu_memory / 2**30:.0f} GiB")
         ax.set_xticks(range(len(self.rows)), [r.label.replace(" + ", "\n+ ") for r in self.rows], fontsize=8)
         ax.set_ylabel("GiB")
         ax.set_title(f"{self.model}, {self.dtype}, batch {self.batch} x {self.seq}, checkpointing "
                      f"{'on' if self.checkpointing else 'off'}", fontsize=9)
         ax.legend(fontsize=8)
+        ax.set_ylim(top=max(top, self.gpu_memory / 2**30) * 1.1)
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: str) -> str:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path

@@ -1,0 +1,91 @@
+"""MemoryMonitor: per-step optimizer state and peak memory in any training loop (a step hook)."""
+from __future__ import annotations
+
+import torch
+
+from torch import nn
+from .estimation import _meta
+from .report import MemoryReport, MemoryRow
+from .state import _tensor_bytes, optimizer_state_bytes
+
+
+class MemoryMonitor:
+    """Per-step memory of a training loop. ``MemoryMonitor(optimizer)`` hooks ``optimizer.step``;
+    each step records the optimizer state bytes and the peak memory since the previous step (CUDA:
+    ``max_memory_allocated``, reset after each step; CPU: weights + grads + state held, since the
+    CPU allocator keeps no peak). ``report()`` returns a ``MemoryReport``; ``write(prefix)`` saves
+    ``prefix.json`` and ``prefix.png``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None = None, model: nn.Module | None = None, name: str = "run"):
+        self.model, self.name, self.history = model, name, []
+        self.optimizer = None
+        self._hook = None
+        if optimizer is not None:
+            self.attach(optimizer)
+
+    def attach(self, optimizer):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step())
+        self._last_update = getattr(self.optimizer, "_updates", None)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _after_step(self):
+        updates = getattr(self.optimizer, "_updates", None)
+        if updates is not None and updates == self._last_update:
+            return  # an accumulation micro-step (or a skipped step): nothing was updated
+        self._last_update = updates
+        self.record()
+
+    def _held(self, state_bytes: int) -> int:
+        params = {id(p): p for g in self.optimizer.param_groups for p in g["params"]}
+        held = sum(_tensor_bytes(p) for p in params.values())
+        held += sum(_tensor_bytes(p.grad) for p in params.values() if p.grad is not None)
+        return held + state_bytes
+
+    def record(self) -> dict:
+        state = optimizer_state_bytes(self.optimizer)
+        rec = dict(step=len(self.history) + 1, state_bytes=state["total"])
+        devs = {p.device.type for g in self.optimizer.param_groups for p in g["params"]}
+        if "cuda" in devs:
+            rec["peak_bytes"] = torch.cuda.max_memory_allocated()
+            rec["allocated_bytes"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            rec["peak_bytes"] = self._held(state["total"])
+        self.history.append(rec)
+        return rec
+
+    def report(self) -> MemoryReport:
+        opt = self.optimizer
+        params = {id(p): p for g in opt.param_groups for p in g["params"]}
+        if self.model is not None:
+            params.update({id(p): p for p in self.model.parameters()})
+        s = optimizer_state_bytes(opt)
+        trainable = [p for g in opt.param_groups for p in g["params"]]
+        row = MemoryRow(self.name, type(opt).__name__, weights=sum(_tensor_bytes(p) for p in params.values()),
+                        grads=sum(_tensor_bytes(p) for p in trainable if p.requires_grad), state_codes=s["codes"],
+                        state_scales=s["scales"], state_full=s["full"], state_other=s["other"], state_ema=s["ema"],
+                        history=list(self.history))
+        if self.history and "allocated_bytes" in self.history[-1]:
+            row.phase_peaks = {"max_step_peak": max(h["peak_bytes"] for h in self.history)}
+        dev = next(iter(params.values())).device.type if params else "cpu"
+        meta = _meta(dev)
+        steps = getattr(opt, "accumulation_steps", 1)
+        if steps > 1:  # AdamW8bit accumulates in .grad (autograd's own sum): no buffer of its own
+            meta["gradient_accumulation"] = dict(steps=steps, extra_bytes=0, where="in .grad (counted under grads)")
+        return MemoryReport(self.name, sum(p.numel() for p in params.values()), sum(p.numel() for p in trainable), "measured",
+                            [row], meta=meta)
+
+    def write(self, prefix: str) -> tuple[str, str]:
+        rep = self.report()
+        rep.to_json(prefix + ".json")
+        return prefix + ".json", rep.plot(prefix + ".png")
+
+    def close(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
