@@ -65,9 +65,13 @@ def test_other_block_size_or_format_is_refused():
     sd["lowbit_adamw"]["format_version"] = 99
     with pytest.raises(ValueError, match="format version 99"):
         AdamW8bit([p], block_size=128).load_state_dict(sd)
-    torch_sd = torch.optim.AdamW([p]).state_dict()
-    with pytest.raises(ValueError, match="load_torch_adamw_state_dict"):
-        AdamW8bit([p]).load_state_dict(torch_sd)
+    # a torch AdamW state dict is not refused but converted, and says so (tests/test_migrate.py has the others)
+    t = torch.optim.AdamW([p])
+    t.step()
+    with pytest.warns(UserWarning, match="converted a torch.optim.AdamW state dict: 1 parameters"):
+        AdamW8bit([p]).load_state_dict(t.state_dict())
+    with pytest.raises(ValueError, match="torch.optim.AdamW, bitsandbytes' AdamW or torchao's AdamW"):
+        AdamW8bit([p]).load_state_dict({"state": {}, "param_groups": [{"params": [0], "momentum": 0.9}]})
 
 
 def test_corrupt_state_is_refused_with_the_parameter_named():
