@@ -28,11 +28,13 @@ class NonfiniteReporter:
         self.report(wait=True)
         return {"pending": [], "compiled": {}, "totals": dict(self.totals)}
 
-    def prepare(self, key: tuple, device: torch.device, labels: list[str]) -> None:
-        """Make the running counts of a param group on a device (eagerly, before a compiled step uses them)."""
+    def prepare(self, key: tuple, device: torch.device, labels) -> None:
+        """Make the running counts of a param group on a device (eagerly, before a compiled step uses them).
+        ``labels()`` gives the group's parameter labels; it is called only the first time, as the step calls
+        this for every parameter."""
         if key not in self.compiled and device.type != "meta":
-            self.compiled[key] = [torch.zeros(len(labels), dtype=torch.int32, device=device), list(labels),
-                                  [None] * len(labels)]
+            names = list(labels())
+            self.compiled[key] = [torch.zeros(len(names), dtype=torch.int32, device=device), names, [None] * len(names)]
 
     def add(self, counts: torch.Tensor, labels: tuple[str, ...], block: int | None, key: tuple | None = None,
             positions: list[int] | None = None) -> None:

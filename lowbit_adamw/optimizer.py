@@ -554,8 +554,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 self._resolved_backends[(self.backend, str(dev))] = self._resolve_backend(dev)
             gi = self._group_index(group)
             self._cache_id(gi, dev, sharding.local(p).dtype)
-            if (gi, str(dev)) not in self._reporter.compiled:  # the group's labels once, not per parameter and step
-                self._reporter.prepare((gi, str(dev)), dev, [self._label(group, j, q) for j, q in enumerate(group["params"])])
+            self._reporter.prepare((gi, str(dev)), dev, lambda: [self._label(group, j, q) for j, q in enumerate(group["params"])])
         if group is self.param_groups[-1]:
             self._say_small_fp32()
 
