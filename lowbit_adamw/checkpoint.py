@@ -211,15 +211,10 @@ def load_state_dict(opt, state_dict: dict) -> None:
         if RUN_KEY in groups[0]:
             meta.update(groups[0][RUN_KEY])
     if meta is None:
-        from . import convert, migrate  # convert loads through this function
+        from . import convert, migrate  # both build on this module
 
-        if migrate.identify(state_dict) is None:
-            raise ValueError(
-                "this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry), nor by torch.optim.AdamW, "
-                "bitsandbytes' AdamW or torchao's AdamW, which load_state_dict converts"
-            )
-        torch_form, what = migrate.to_torch_form(state_dict)
-        convert.load_torch_adamw_state_dict(opt, torch_form)
+        torch_form, what = migrate.to_torch_form(state_dict)  # refuses a state dict it does not know
+        load_state_dict(opt, convert.from_torch_adamw(opt, torch_form))  # the caller has run the load hooks once
         warnings.warn(f"AdamW8bit.load_state_dict converted {what} (a one-time rounding to this optimizer's "
                       f"{opt.defaults['bits']}-bit state)", stacklevel=4)
         return

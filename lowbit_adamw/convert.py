@@ -8,40 +8,25 @@ import torch
 from . import format as fmt
 from . import layout
 from .checkpoint import META_KEY, ORDER_KEY, full_state_dtype
-from .migrate import TORCH_GROUP_KEYS, torch_groups
-
+from .migrate import TORCH_GROUP_KEYS, lowbit_to_torch
 
 
 def to_torch_adamw_state_dict(optimizer) -> dict:
     """A state dict that ``torch.optim.AdamW`` over the same parameters loads with ``load_state_dict``.
     8-bit moments are dequantized to the parameter's shape (torch's loader casts them to the parameter
-    dtype, as it does for any AdamW state)."""
-    sd = optimizer.state_dict()
-    groups = torch_groups(sd["param_groups"])
-    params = {pid: p for g, live in zip(sd["param_groups"], optimizer.param_groups) for pid, p in zip(g["params"], live["params"])}
-    block_of = {pid: (g["block_size"], g["bits"]) for g in sd["param_groups"] for pid in g["params"]}
-    state = {}
-    for pid, s in sd["state"].items():
-        p = params[pid]
-        out = {"step": s["step"].clone()}
-        for name in fmt.QUANTIZED_MOMENTS:
-            if name + "_codes" in s:
-                block_size, bits = block_of[pid]
-                flat = fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name), block_size, bits,
-                                                numel=layout.real_view(p).numel())
-                out[name] = layout.flat_to_logical(flat, p)
-            elif name in s:
-                out[name] = s[name].clone()
-        if "ema" in s:  # torch's AdamW ignores it, but it must not be dropped on the way
-            out["ema"] = s["ema"].clone()
-        state[pid] = out
-    return {"state": state, "param_groups": groups}
+    dtype, as it does for any AdamW state); ``lowbit-adamw convert`` writes the same from the file."""
+    return lowbit_to_torch(optimizer.state_dict())
 
 
 def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
     """Load a ``torch.optim.AdamW`` state dict into an AdamW8bit over the same parameters: moments of
     parameters that get 8-bit state are quantized, the others are kept in fp32. Hyper-parameters come
     from the torch state dict; the AdamW8bit-only settings (block size, ...) stay as they are."""
+    optimizer.load_state_dict(from_torch_adamw(optimizer, torch_state_dict))
+
+
+def from_torch_adamw(optimizer, torch_state_dict: dict) -> dict:
+    """The AdamW8bit state dict (for ``optimizer``) that holds a ``torch.optim.AdamW`` state dict's state."""
     sd = torch_state_dict
     if len(sd["param_groups"]) != len(optimizer.param_groups):
         raise ValueError(f"torch state dict has {len(sd['param_groups'])} param groups, the optimizer {len(optimizer.param_groups)}")
@@ -80,4 +65,4 @@ def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
     steps = [int(s["step"].item()) for s in state.values()]
     if steps:
         new_sd[META_KEY] = dict(new_sd[META_KEY], updates=max(steps))
-    optimizer.load_state_dict(new_sd)
+    return new_sd

@@ -99,7 +99,8 @@ def to_torch_form(state_dict: dict) -> tuple[dict, str]:
     """(the common form of a torch, bitsandbytes or torchao AdamW state dict, a sentence saying what was converted)."""
     kind = identify(state_dict)
     if kind not in ("torch", "bitsandbytes", "torchao"):
-        raise ValueError("not a torch.optim.AdamW, bitsandbytes AdamW or torchao AdamW state dict")
+        raise ValueError("this state dict was not saved by lowbit_adamw.AdamW8bit (no 'lowbit_adamw' entry), nor by "
+                         "torch.optim.AdamW, bitsandbytes' AdamW or torchao's AdamW, which load_state_dict converts")
     state, kinds = {}, set()
     for pid, raw in state_dict.get("state", {}).items():
         s, label = _bnb_state(raw), f"state of parameter {pid}"
@@ -149,32 +150,30 @@ def _saved_params(sd: dict) -> list[dict]:
 
 
 def lowbit_to_torch(sd: dict) -> dict:
-    """An AdamW8bit state dict as torch.optim.AdamW's (float32 moments shaped like their parameters)."""
+    """An AdamW8bit state dict as torch.optim.AdamW's: quantized moments decoded to their parameter's shape
+    (complex for a complex parameter), everything else copied as it is (torch's loader casts state to the
+    parameter's dtype and device). Works from the state dict alone, with the parameter shapes it records."""
     params = _saved_params(sd)
-    groups = torch_groups(sd["param_groups"])
+    block_of = {pid: (g["block_size"], g["bits"]) for g in sd["param_groups"] for pid in g["params"]}
     state = {}
-    for g, saved in zip(groups, sd["param_groups"]):
-        for pid in g["params"]:
-            if pid not in sd["state"]:
-                continue
-            s, info = sd["state"][pid], params[pid]
-            shape = list(info["shape"])
-            if info.get("complex"):
-                raise ValueError(f"parameter {pid} is complex; convert with the optimizer live (to_torch_adamw_state_dict)")
-            out = {"step": _step_tensor(s["step"])}
-            numel = math.prod(shape)
-            order = s["element_order"].tolist() if "element_order" in s else None
-            for name in fmt.QUANTIZED_MOMENTS:
-                if name + "_codes" in s:
-                    flat = fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name),
-                                                    saved["block_size"], saved["bits"], numel=numel)
-                    out[name] = layout.from_order(flat.float().cpu(), shape, order).contiguous()
-                elif name in s:
-                    out[name] = s[name].detach().float().cpu().reshape(shape).clone()
-            if "ema" in s:  # torch's AdamW ignores it, but it must not be dropped on the way
-                out["ema"] = s["ema"].detach().cpu().reshape(shape).clone()
-            state[pid] = out
-    return {"state": state, "param_groups": groups}
+    for pid, s in sd["state"].items():
+        info = params[pid]
+        out = {"step": s["step"].clone()}
+        for name in fmt.QUANTIZED_MOMENTS:
+            if name + "_codes" in s:
+                block_size, bits = block_of[pid]
+                shape = list(info["shape"]) + ([2] if info.get("complex") else [])  # layout.real_view's shape
+                order = s["element_order"].tolist() if "element_order" in s else None
+                flat = fmt.dequantize_blockwise(s[name + "_codes"], s[name + "_absmax"], fmt.is_signed(name), block_size,
+                                                bits, numel=math.prod(shape))
+                x = layout.from_order(flat, shape, order).contiguous()
+                out[name] = torch.view_as_complex(x) if info.get("complex") else x
+            elif name in s:
+                out[name] = s[name].clone()
+        if "ema" in s:  # torch's AdamW ignores it, but it must not be dropped on the way
+            out["ema"] = s["ema"].clone()
+        state[pid] = out
+    return {"state": state, "param_groups": torch_groups(sd["param_groups"])}
 
 
 def lowbit_to_bnb(sd: dict, min_8bit_size: int = BNB_MIN_8BIT_SIZE) -> dict:
@@ -193,7 +192,7 @@ def lowbit_to_bnb(sd: dict, min_8bit_size: int = BNB_MIN_8BIT_SIZE) -> dict:
     for pid, s in torch_sd["state"].items():
         out = {"step": int(s["step"].item())}
         for which, name in (("1", "exp_avg"), ("2", "exp_avg_sq")):
-            x = s[name]
+            x = s[name].detach().float().cpu()  # bitsandbytes keeps its state fp32 and does not cast it on load
             if x.numel() < min_8bit_size:
                 out["state" + which] = x.clone()
                 continue

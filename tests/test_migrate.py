@@ -191,3 +191,16 @@ def test_no_warning_for_own_state():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AdamW8bit(params()).load_state_dict(opt.state_dict())
+
+
+def test_load_hooks_run_once_for_a_converted_state_dict():
+    ps = params()
+    other = torch.optim.AdamW(ps)
+    run(other, ps, 1)
+    opt = AdamW8bit([torch.nn.Parameter(p.detach().clone()) for p in ps])
+    calls = []
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    with pytest.warns(UserWarning, match="converted a torch.optim.AdamW state dict"):
+        opt.load_state_dict(other.state_dict())
+    assert calls == ["pre", "post"]
