@@ -124,7 +124,8 @@ def full_state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int, version: int) -> dict:
+def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int, version: int, device=None) -> dict:
+    """``device``: where the state lives (host memory for an offloaded group; default the parameter's)."""
     out = {}
     saved = dict(saved)
     saved_order = saved.pop(ORDER_KEY, None)
@@ -134,7 +135,7 @@ def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int
         elif not isinstance(value, torch.Tensor):
             out[key] = value
         else:
-            out[key] = value.detach().to(device=p.device, copy=True)  # dtype kept as saved
+            out[key] = value.detach().to(device=device or p.device, copy=True)  # dtype kept as saved
     if "step" not in out and any(isinstance(v, torch.Tensor) for v in out.values()):
         raise _bad(label, "the state has moments but no 'step'")
     numel = layout.real_view(sharding.local(p)).numel() if not sharding.is_dtensor(p) else layout.real_view(p).numel()
@@ -245,15 +246,16 @@ def load_state_dict(opt, state_dict: dict) -> None:
                 f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
             )
         for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-            id_map[pid] = (p, opt._label(group, j, p), group["block_size"], group["bits"])
+            id_map[pid] = (p, opt._label(group, j, p), group["block_size"], group["bits"], opt._state_device(p, group))
 
     new_state = defaultdict(dict)
     layouts = {}
     for pid, saved_state in state_dict["state"].items():
         if pid not in id_map:
             raise ValueError(f"state dict has state for parameter id {pid}, which no param group lists")
-        p, label, block_size, bits = id_map[pid]
-        new_state[p] = load_param_state(opt, p, saved_state, label, block_size, bits, version)
+        p, label, block_size, bits, device = id_map[pid]
+        new_state[p] = load_param_state(opt, p, saved_state, label, block_size, bits, version,
+                                        None if sharding.is_dtensor(p) else device)
         if any(k.endswith("_codes") for k in new_state[p]):
             layouts[p] = (bits, block_size)
 

@@ -163,6 +163,8 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
                         "meta-llama/Llama-2-7b-hf), a path to a config.json, or a Hub id in the local cache (default llama-2-7b)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="e.g. 24GiB: also print whether each configuration fits (weights, "
                    "peak gradients, state, activations); --png then draws that chart with the GPU's line")
+    p.add_argument("--host-memory", metavar="SIZE", help="e.g. 32GiB (with --gpu-memory): also the rows with optimizer state "
+                   "in host memory (ours, torchao's and DeepSpeed's offload), with the host RAM each needs")
     p.add_argument("--batch", type=int, default=1, help="sequences per step, for the activations (with --gpu-memory)")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence, for the activations (with --gpu-memory)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (with --gpu-memory)")
@@ -198,7 +200,7 @@ def _run_memory(args) -> int:
             from .memory.fit import fit_report
 
             fit = fit_report(model, args.gpu_memory, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing,
-                             dtype=dtype, bucket_mb=args.bucket_mb)
+                             dtype=dtype, bucket_mb=args.bucket_mb, host_memory=args.host_memory)
     except (ImportError, ValueError, OSError) as e:
         print(f"lowbit-adamw memory: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ parameter and state tensor as it was.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from . import bnb_compat, checkpoint, clipping, layout, ops, sharding
+from . import offload as offloading
 from . import format as fmt
 from .in_backward import InBackward, check_single_device
 from .nonfinite import NonfiniteReporter
@@ -110,7 +112,13 @@ class AdamW8bit(torch.optim.Optimizer):
             complete, and free the gradient right away (``lowbit_adamw.in_backward``). Single device
             only; ``max_grad_norm`` and ``accumulation_steps > 1`` are refused (they need all gradients
             at once), and so is GradScaler, at its first step.
-        step_in_backward_bucket_mb: gradient megabytes that trigger a bucket's step (default 64).
+        step_in_backward_bucket_mb: gradient megabytes that trigger a bucket's step (default 64); also
+            the size of the buckets an offloaded step moves to the host at a time.
+        offload: ``None`` (default) or ``"cpu"``: the state of CUDA parameters lives in host memory and
+            the C++ step runs there, overlapped with backward under ``step_in_backward``
+            (``lowbit_adamw.offload``). Per param group too. With ``step_in_backward``, ``max_grad_norm``
+            is allowed here: the gradients go down during backward and the CPU steps wait for its end.
+            CPU parameters go through the same pipeline with the CPU standing in for the device.
 
     Param groups may set any of the hyper-parameters above plus ``fp32_state=True`` for the whole group.
     Parameters: float32, bfloat16, float16 and complex64 get quantized state; float64 and complex128
@@ -152,6 +160,7 @@ class AdamW8bit(torch.optim.Optimizer):
         ema_overwrite_frequency: int | None = None,
         step_in_backward: bool = False,
         step_in_backward_bucket_mb: float = 64.0,
+        offload: str | None = None,
         optim_bits: int | None = None,
         args=None,
         percentile_clipping: int = 100,
@@ -198,9 +207,10 @@ class AdamW8bit(torch.optim.Optimizer):
         if step_in_backward:
             if bucket_mb <= 0:
                 raise ValueError(f"step_in_backward_bucket_mb must be > 0, got {step_in_backward_bucket_mb!r}")
-            if max_grad_norm is not None:
+            if max_grad_norm is not None and offload != "cpu":
                 raise ValueError("step_in_backward=True cannot apply max_grad_norm: a global norm needs every gradient "
-                                 "before the first update. Use clip_norm (per tensor) or clip_value, or step_in_backward=False")
+                                 "before the first update. Use clip_norm (per tensor) or clip_value, or step_in_backward=False "
+                                 "(or offload='cpu', whose CPU steps can wait for the end of backward)")
             if accumulation_steps > 1:
                 raise ValueError("step_in_backward=True updates in every backward, so it cannot accumulate gradients "
                                  "(accumulation_steps > 1): use a larger batch, or step_in_backward=False")
@@ -209,7 +219,7 @@ class AdamW8bit(torch.optim.Optimizer):
             capturable=False, differentiable=False, fused=fused, decoupled_weight_decay=True,
             block_size=block_size, bits=bits, min_8bit_size=min_8bit_size, bias_correction=bias_correction,
             stochastic_rounding=stochastic_rounding, fp32_state=bool(all_fp32), clip_value=clip_value, clip_norm=clip_norm,
-            loss_scale=loss_scale,
+            loss_scale=loss_scale, offload=offload,
         )
         self._validate_group(dict(defaults, block_size=block_size or fmt.default_block_size(bits)))
         self.backend = backend
@@ -245,6 +255,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self._in_backward = InBackward(self._step_in_backward_params, getattr(self, "_bucket_bytes", 64 << 20),
                                        self._finish_update) if self.step_in_backward else None
         self._warned_no_triton = False
+        self._pipelines: dict = {}  # device -> OffloadPipeline (lowbit_adamw.offload), made at first use
+        self._deferred_norms: dict = {}  # (group, position) -> (norm, host multiplier, clip_norm), offload + in-backward + max_grad_norm
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
 
@@ -306,6 +318,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if group["block_size"] is not None:  # None (the constructor default): resolved per group by its width
             fmt.check_block_size(group["block_size"])
         _check_int("min_8bit_size", group["min_8bit_size"], 0)
+        offloading.check_offload(group.get("offload"))
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's; the group (its hyper-parameters and parameters) is checked before it is kept, so
@@ -323,6 +336,13 @@ class AdamW8bit(torch.optim.Optimizer):
                                     "or a complex type)")
                 if self.step_in_backward:
                     check_single_device(p, label)
+                if self._defers_clipping() and group.get("offload") != "cpu":
+                    raise ValueError(f"{label}: step_in_backward=True with max_grad_norm needs offload='cpu' in every param "
+                                     "group (only the offloaded CPU steps can wait for the end of backward)")
+                if group.get("offload") and (sharding.is_dtensor(p) or p.device.type not in ("cuda", "cpu")):
+                    raise ValueError(f"{label}: offload='cpu' takes CUDA parameters (or CPU ones, through the CPU stand-in), "
+                                     f"not {'a sharded one' if sharding.is_dtensor(p) else p.device.type}; leave offload=None "
+                                     "for this param group")
             self._check_aliasing()
         except Exception:
             self.param_groups.pop()
@@ -380,7 +400,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
                 flat = fmt.dequantize_blockwise(sharding.local(codes).reshape(-1), sharding.local(absmax).reshape(-1),
                                                 fmt.is_signed(name), block, bits, numel=loc.numel())
-                full = torch.empty_like(sharding.local(p), dtype=checkpoint.full_state_dtype(p))
+                full = torch.empty_like(sharding.local(p), dtype=checkpoint.full_state_dtype(p), device=flat.device)
                 layout.real_view(full).copy_(layout.from_order(flat, loc.shape, order))
                 state[name] = sharding.like(p, full, p.shape)
         self._layouts.pop(p, None)
@@ -412,8 +432,24 @@ class AdamW8bit(torch.optim.Optimizer):
                       f"fp32 state (8 B/param) because each has fewer than min_8bit_size elements (as LoRA adapters do); "
                       f"min_8bit_size=0 would save {saved / 2**20:.2f} MiB of optimizer state", UserWarning, stacklevel=4)
 
+    @staticmethod
+    def _state_device(p: torch.Tensor, group: dict) -> torch.device:
+        """Where the state of ``p`` lives: host memory for an offloaded group, else beside the parameter."""
+        return torch.device("cpu") if group.get("offload") == "cpu" else sharding.local(p).device
+
+    def _place_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        """State written on one side (a checkpoint, or the group's ``offload`` changed) moves to the other
+        as it is: the bytes are the same wherever they live."""
+        if sharding.is_dtensor(p):
+            return
+        dev = self._state_device(p, group)
+        for k, v in state.items():
+            if k != "step" and isinstance(v, torch.Tensor) and v.device != dev:
+                state[k] = v.to(dev)
+
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
+        dev = self._state_device(p, group)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         names = state_names(group["amsgrad"])
         if self._wants_8bit(p, group):
@@ -431,19 +467,20 @@ class AdamW8bit(torch.optim.Optimizer):
                     state[name + "_codes"] = sharding.like(p, codes, sharding.codes_shape(p, bits))
                     state[name + "_absmax"] = sharding.like(p, absmax, sharding.absmax_shape(p, block))
                 else:
-                    state[name + "_codes"] = torch.full((fmt.codes_numel(numel, bits),), zero, dtype=torch.uint8, device=p.device)
-                    state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=p.device)
+                    state[name + "_codes"] = torch.full((fmt.codes_numel(numel, bits),), zero, dtype=torch.uint8, device=dev)
+                    state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=dev)
             self._layouts[p] = (bits, block)
         else:
             if self._wants_8bit(p, group, min_size=0):
                 self._small_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"]))
             for name in names:
-                state[name] = torch.zeros_like(p, dtype=checkpoint.full_state_dtype(p), memory_format=torch.preserve_format)
+                state[name] = torch.zeros_like(p, dtype=checkpoint.full_state_dtype(p), memory_format=torch.preserve_format,
+                                               device=dev)
         return state
 
-    def _ema_state(self, p: torch.Tensor) -> torch.Tensor:
+    def _ema_state(self, p: torch.Tensor, device=None) -> torch.Tensor:
         # fp32 (16-bit weights would stall a slow average); float64/complex weights keep their own dtype
-        ema = torch.empty_like(p, dtype=checkpoint.full_state_dtype(p))
+        ema = torch.empty_like(p, dtype=checkpoint.full_state_dtype(p), device=device or p.device)
         return ema.copy_(p.detach())
 
     def _check_grad(self, p, label):
@@ -537,13 +574,14 @@ class AdamW8bit(torch.optim.Optimizer):
             if not state:
                 state = self._init_state(p, group)
             else:
+                self._place_state(p, group, state)
                 self._convert_if_relaid(p, group, state, label)
             if group["amsgrad"] and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
                 raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
             if group["amsgrad"] and "exp_avg_sq" in state and "max_exp_avg_sq" not in state:
                 raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
             if self.ema_decay is not None and "ema" not in state:  # new state, or a checkpoint saved without EMA
-                state["ema"] = self._ema_state(sharding.local(p)) if not sharding.is_dtensor(p) else \
+                state["ema"] = self._ema_state(p, self._state_device(p, group)) if not sharding.is_dtensor(p) else \
                     sharding.like(p, self._ema_state(sharding.local(p)), p.shape)
             params.append(p)
             grads.append(p.grad)
@@ -685,7 +723,12 @@ class AdamW8bit(torch.optim.Optimizer):
                 work.append((gi, key, buckets[key]))
         if not entries:
             return
-        multiplier = self._clip_multipliers(entries, base_mul) if self._clips() else None
+        deferring = self._defers_clipping()
+        multiplier = None
+        if deferring:
+            self._defer_norms(entries, base_mul)
+        elif self._clips():
+            multiplier = self._clip_multipliers(entries, base_mul)
         # Phase two: one op per bucket.
         for gi, (kind, _dev, _dtype, _rnd), idx in work:
             group, sc = self.param_groups[gi], scalars[gi]
@@ -702,31 +745,152 @@ class AdamW8bit(torch.optim.Optimizer):
                 continue
             sel = [idx[j] for j in nonempty]
             ps = [ps[j] for j in nonempty]
-            states = [self.state[p] for p in ps]
-            host_mul = base_mul / float(group["loss_scale"]) if group.get("loss_scale") is not None else base_mul
-            counts = ops.step_(
-                [sharding.local(p) for p in ps], [sharding.local(entries[i][2]) for i in sel],
-                [t for s in states for t in self._state_list(s, kind, sc["amsgrad"])], [s["step"] for s in states],
-                None if multiplier is None else multiplier[sel], [host_mul] * len(ps),
-                [] if self.ema_decay is None else [float(self.ema_decay)] * len(ps), [entries[i][4] for i in sel],
-                [sharding.flat_offset(p) for p in ps],
-                kind, self._resolved_backends[(self.backend, str(local_ps[nonempty[0]].device))] if quantized else "torch",
-                sc["lr"], sc["lr_tensor"], sc["beta1"], sc["beta2"], sc["eps"], sc["weight_decay"], sc["clip_value"], sc["amsgrad"],
-                sc["maximize"], sc["bias_correction"], sc["stochastic_rounding"], sc["skip_nonfinite"],
-                int(group["block_size"]), int(group["bits"]), int(self.seed), group["foreach"], group["fused"],
-                self._cache_ids[(gi, str(local_ps[nonempty[0]].device), str(local_ps[nonempty[0]].dtype))],
-            )
-            if sc["skip_nonfinite"]:
-                self._reporter.add(counts, tuple(entries[i][3] for i in sel), int(group["block_size"]) if quantized else None,
-                                   key=(gi, str(local_ps[nonempty[0]].device)), positions=[entries[i][6] for i in sel])
+            if group.get("offload") == "cpu":
+                if _rnd:  # the same tensor listed twice: its first round must land on the host copy first
+                    self._drain_offload()
+                self._offload_bucket(gi, kind, ps, sel, entries, multiplier, sc, deferring, base_mul)
+                continue
+            report = self._run_bucket(gi, kind, ps, [sharding.local(p) for p in ps], [sharding.local(entries[i][2]) for i in sel],
+                                      None if multiplier is None else multiplier[sel], sel, entries, sc, local_ps[nonempty[0]].device,
+                                      base_mul)
+            if report is not None:
+                self._reporter.add(*report[:3], key=report[3], positions=report[4])
         if not torch.compiler.is_compiling() and self._reporter.pending and all(p[3] is None for p in self._reporter.pending):
             self._reporter.report(wait=True)  # CPU only: the counts are already on the host
+
+    def _run_bucket(self, gi, kind, ps, local_ps, local_grads, multiplier, sel, entries, sc, device, base_mul):
+        """One op call for a bucket; ``local_ps``/``local_grads`` are the tensors it steps (the parameters,
+        or their host copies when offloaded), ``device`` where that happens. Returns the non-finite
+        report's arguments, or None."""
+        group = self.param_groups[gi]
+        quantized = kind == ops.KIND_QUANTIZED
+        states = [self.state[p] for p in ps]
+        host_mul = base_mul / float(group["loss_scale"]) if group.get("loss_scale") is not None else base_mul
+        counts = ops.step_(
+            local_ps, local_grads,
+            [t for s in states for t in self._state_list(s, kind, sc["amsgrad"])], [s["step"] for s in states],
+            multiplier, [host_mul] * len(ps),
+            [] if self.ema_decay is None else [float(self.ema_decay)] * len(ps), [entries[i][4] for i in sel],
+            [sharding.flat_offset(p) for p in ps],
+            kind, self._resolved_backends[(self.backend, str(device))] if quantized else "torch",
+            sc["lr"], sc["lr_tensor"], sc["beta1"], sc["beta2"], sc["eps"], sc["weight_decay"], sc["clip_value"], sc["amsgrad"],
+            sc["maximize"], sc["bias_correction"], sc["stochastic_rounding"], sc["skip_nonfinite"],
+            int(group["block_size"]), int(group["bits"]), int(self.seed), group["foreach"], group["fused"],
+            self._cache_ids[(gi, str(device), str(local_ps[0].dtype))],
+        )
+        if not sc["skip_nonfinite"]:
+            return None
+        return (counts, tuple(entries[i][3] for i in sel), int(group["block_size"]) if quantized else None,
+                (gi, str(ps[0].device)), [entries[i][6] for i in sel])
+
+    # ---- offload (lowbit_adamw.offload) -----------------------------------------------------------
+
+    def _pipeline(self, device: torch.device):
+        key = str(device)
+        if key not in self._pipelines:
+            deferring = self.step_in_backward and self.max_grad_norm is not None
+            weights = offloading.arena_bytes([q for g in self.param_groups if g.get("offload") == "cpu" for q in g["params"]
+                                              if q.device == device])
+            self._pipelines[key] = offloading.OffloadPipeline(device, staging_limit=None if deferring else 2,
+                                                              weight_bytes=weights)
+            weakref.finalize(self, self._pipelines[key].close)
+        return self._pipelines[key]
+
+    def _defers_clipping(self) -> bool:
+        """In backward with max_grad_norm (offload only): the global norm is known at the end of backward."""
+        return self.step_in_backward and self.max_grad_norm is not None
+
+    def _defer_norms(self, entries, base_mul: float) -> None:
+        """Each gradient's norm now, on the device, before it is freed; the multipliers at the end."""
+        flat, params, quantized, blocks, host, clip_norms = self._clip_inputs(entries, base_mul)
+        for e, f, p, q, b, h, c in zip(entries, flat, params, quantized, blocks, host, clip_norms):
+            norm = clipping.applied_norms([f], [p], [q], [b], self.nonfinite == "skip")[0]
+            self._deferred_norms[(e[0], e[6])] = (norm, h, c)
+
+    def _deferred_multipliers(self) -> dict:
+        """(group, position) -> host multiplier, from every norm of this backward, in the order the
+        on-device step would have stacked them (group, then position), so the global norm sums alike."""
+        keys = sorted(self._deferred_norms)
+        if not keys:
+            return {}
+        norms = [self._deferred_norms[k] for k in keys]
+        dev = norms[0][0].device
+        values = clipping.multipliers(torch.stack([n.to(dev) for n, _, _ in norms]),
+                                      torch.tensor([h for _, h, _ in norms], dtype=torch.float32).to(dev), self.max_grad_norm,
+                                      [None if math.isinf(c) else c for _, _, c in norms]).cpu()
+        self._deferred_norms = {}
+        return {k: values[i:i + 1] for i, k in enumerate(keys)}
+
+    @torch._disable_dynamo  # a worker thread and host buffers: run eagerly inside a compiled step
+    def _offload_bucket(self, gi, kind, ps, sel, entries, multiplier, sc, deferring: bool, base_mul: float) -> None:
+        """Stage the bucket's gradients down in pieces of at most ``step_in_backward_bucket_mb`` and queue
+        each piece's CPU step (or keep it for the end of backward, when deferring)."""
+        host = torch.device("cpu")
+        if (self.backend, "cpu") not in self._resolved_backends:
+            self._resolved_backends[(self.backend, "cpu")] = self._resolve_backend(host)
+        self._cache_id(gi, host, ps[0].dtype)
+        pipe = self._pipeline(ps[0].device)
+        pieces, piece, size = [], [], 0
+        for j, i in enumerate(sel):
+            g = entries[i][2]
+            nbytes = g.numel() * g.element_size()
+            if piece and size + nbytes > self._bucket_bytes:
+                pieces.append(piece)
+                piece, size = [], 0
+            piece.append(j)
+            size += nbytes
+        pieces.append(piece)
+        for piece in pieces:
+            pps, psel = [ps[j] for j in piece], [sel[j] for j in piece]
+            staged = pipe.stage(pps, [entries[i][2] for i in psel], None if multiplier is None else multiplier[psel])
+            step = functools.partial(self._run_bucket, gi, kind, pps, multiplier=None, sel=psel, entries=entries, sc=sc,
+                                     device=host, base_mul=base_mul)
+            if deferring:
+                pipe.defer(staged, (step, [(entries[i][0], entries[i][6]) for i in psel]))
+            else:
+                pipe.submit(staged, lambda hp, hg, hm, step=step: step(local_ps=hp, local_grads=hg, multiplier=hm))
+
+    @torch._disable_dynamo
+    def _drain_offload(self) -> None:
+        """Join the CPU steps in flight (deferred ones first get their clipping multipliers) and report."""
+        if not self._pipelines:
+            return
+        for pipe in self._pipelines.values():
+            if pipe.deferred:
+                muls = self._deferred_multipliers()
+
+                def bind(item, muls=muls):
+                    step, keys = item
+                    mul = torch.cat([muls[k] for k in keys])
+                    return lambda hp, hg, _hm: step(local_ps=hp, local_grads=hg, multiplier=mul)
+
+                pipe.release_deferred(bind)
+            for report in pipe.drain():
+                if report is not None:
+                    self._reporter.add(*report[:3], key=report[3], positions=report[4])
+
+    def offload_host_bytes(self) -> int:
+        """Pinned host memory the offload pipelines hold (the weight copies and staging buffers); the
+        state itself is in ordinary host memory (see ``lowbit_adamw.memory``)."""
+        return sum(p.host_bytes() for p in self._pipelines.values())
 
     def _clips(self) -> bool:
         return self.max_grad_norm is not None or any(g.get("clip_norm") is not None for g in self.param_groups)
 
     def _clip_multipliers(self, entries, base_mul: float) -> torch.Tensor:
         """The device multiplier of every entry (``lowbit_adamw.clipping``, through ``ops.clip_multipliers``)."""
+        flat, params, quantized, blocks, host, clip_norms = self._clip_inputs(entries, base_mul)
+        if any(sharding.is_dtensor(p) for p in params):  # the norms all-reduce over the mesh: not inside an op
+            dev = flat[0].device
+            norms = torch.stack([clipping.applied_norms([f], [p], [q], [b], self.nonfinite == "skip")[0].to(dev)
+                                 for f, p, q, b in zip(flat, params, quantized, blocks)])
+            return clipping.multipliers(norms, torch.tensor(host, dtype=torch.float32).to(dev), self.max_grad_norm,
+                               [None if math.isinf(c) else c for c in clip_norms])
+        return ops.clip_multipliers(flat, [sharding.local(p) for p in params], quantized, blocks, self.nonfinite == "skip",
+                                    host, self.max_grad_norm, clip_norms)
+
+    def _clip_inputs(self, entries, base_mul: float):
+        """Per entry: its gradient flat in block order, parameter, quantized?, block size, host multiplier, clip_norm."""
         flat, params, quantized, blocks, host, clip_norms = [], [], [], [], [], []
         for gi, p, g, _label, _tid, kind, _pos in entries:
             group = self.param_groups[gi]
@@ -741,16 +905,11 @@ class AdamW8bit(torch.optim.Optimizer):
             loss_scale = group.get("loss_scale")
             host.append(base_mul / float(loss_scale) if loss_scale is not None else base_mul)
             clip_norms.append(math.inf if group.get("clip_norm") is None else float(group["clip_norm"]))
-        if any(sharding.is_dtensor(p) for p in params):  # the norms all-reduce over the mesh: not inside an op
-            dev = flat[0].device
-            norms = torch.stack([clipping.applied_norms([f], [p], [q], [b], self.nonfinite == "skip")[0].to(dev)
-                                 for f, p, q, b in zip(flat, params, quantized, blocks)])
-            return clipping.multipliers(norms, torch.tensor(host, dtype=torch.float32).to(dev), self.max_grad_norm,
-                               [None if math.isinf(c) else c for c in clip_norms])
-        return ops.clip_multipliers(flat, [sharding.local(p) for p in params], quantized, blocks, self.nonfinite == "skip",
-                                    host, self.max_grad_norm, clip_norms)
+        return flat, params, quantized, blocks, host, clip_norms
 
     def _finish_update(self) -> None:
+        if self._pipelines:  # (a plain dict test, so a fullgraph compiled step without offload does not break here)
+            self._drain_offload()
         self._updates += 1
         if self.ema_overwrite_frequency and self._updates % self.ema_overwrite_frequency == 0:
             self.copy_ema_to_params()
@@ -807,6 +966,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's state dict plus ``lowbit_adamw.checkpoint``'s entries; torch's state_dict post-hooks
         see the whole of it."""
+        self._drain_offload()
         self._reporter.report(wait=True)
         post, self._optimizer_state_dict_post_hooks = self._optimizer_state_dict_post_hooks, type(
             self._optimizer_state_dict_post_hooks)()

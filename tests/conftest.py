@@ -19,7 +19,7 @@ SLOW = ("test_distributed.py", "test_memory.py::test_estimate_matches_measured",
         "test_integrations.py::test_unmodified", "test_integrations.py::test_trainer_grad_accumulation",
         "test_benchmarks.py::test_codec_quality", "test_benchmarks.py::test_step_speed",
         "test_benchmarks.py::test_first_step",
-        "test_cli.py::test_gpu_kernel_check_script", "test_integrations.py::test_trainer_step_in_backward")
+        "test_cli.py::test_gpu_kernel_check_script", "test_cli.py::test_gpu_offload_check_script", "test_integrations.py::test_trainer_step_in_backward")
 
 
 def pytest_collection_modifyitems(config, items):

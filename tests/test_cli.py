@@ -40,3 +40,16 @@ def test_gpu_kernel_check_script_smoke_runs_under_interpreter(tmp_path):
     res = json.loads(out.read_text())
     assert res["max_code_diff_vs_torch"] == 0 and res["max_param_diff_vs_torch"] == 0  # one spec, to the bit
     assert len(res["sweep"]) == 18 and sum(s["chosen"] for s in res["sweep"]) == 1
+
+
+def test_gpu_offload_check_script_smoke_runs_on_the_cpu_stand_in(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_offload_check.py"
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    for name in ("offload", "offload_in_backward"):  # the offloaded runs equal their on-device loops to the bit
+        assert res["configs"][name]["max_diff_quantized_state"] == 0 and res["configs"][name]["max_diff_fp32_state"] == 0
+    assert res["configs"]["offload"]["host_pinned_bytes"] > 0 and res["configs"]["device"]["host_pinned_bytes"] == 0

@@ -344,15 +344,18 @@ def test_trainer_step_in_backward_equals_the_plain_trainer(tmp_path):
         sys.path.remove(RECIPES)
     ds = byte_windows(24, seq_len=32)
     finals = []
-    for optim_args in ("min_8bit_size=1024", "min_8bit_size=1024,step_in_backward=true,step_in_backward_bucket_mb=0.05"):
+    for optim_args in ("min_8bit_size=1024", "min_8bit_size=1024,step_in_backward=true,step_in_backward_bucket_mb=0.05",
+                       "min_8bit_size=1024,step_in_backward=true,step_in_backward_bucket_mb=0.05,offload=cpu"):
         model = llama()
         args = training_args(tmp_path / str(len(finals)), max_steps=3, per_device_train_batch_size=8, max_grad_norm=0.0,
                              optim_args=optim_args, logging_steps=1, save_strategy="no", disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=ds, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model))
         trainer.train()
         assert trainer.optimizer.optimizer.step_in_backward == ("step_in_backward" in optim_args)
+        assert trainer.optimizer.optimizer.param_groups[0]["offload"] == ("cpu" if "offload" in optim_args else None)
         finals.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    for other in finals[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(finals[0], other))
     # Trainer's default max_grad_norm=1.0 would clip gradients that no longer exist: refused, with the fix
     with pytest.raises(ValueError, match="max_grad_norm=0"):
         optimizer_cls_and_kwargs(training_args(tmp_path, optim_args="step_in_backward=true"), llama())

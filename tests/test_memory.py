@@ -256,6 +256,29 @@ def test_fit_report_rows_and_gpu_line(tmp_path):
     assert os.path.getsize(png) > 1000
 
 
+def test_fit_report_with_host_memory_adds_the_offload_rows():
+    pytest.importorskip("transformers")
+    from lowbit_adamw.memory import estimate
+    from lowbit_adamw.memory.fit import OFFLOAD_CONFIGS, STAGING_BUFFERS, fit_report
+
+    r = fit_report("llama-2-7b", "16GiB", batch=1, seq=2048, checkpointing=True, dtype=torch.bfloat16, host_memory="32GiB")
+    rows = {x.config: x for x in r.rows}
+    assert set(OFFLOAD_CONFIGS) <= set(rows)
+    assert "lowbit_8bit_offload" not in {x.config for x in fit_report("llama-2-7b", "16GiB", dtype=torch.bfloat16).rows}
+    ours = rows["lowbit_8bit_offload"]
+    state = estimate("llama-2-7b", ["lowbit_8bit"], dtype=torch.bfloat16).row("lowbit_8bit").state
+    # host: the state, the host copy of the weights, the staging buffers; the GPU keeps no state
+    assert ours.state == 0 and ours.host == state + ours.weights + STAGING_BUFFERS * ours.grads
+    numel = ours.weights // 2
+    assert rows["deepspeed_offload"].host == 16 * numel and rows["torchao_offload"].host == 8 * numel  # bf16: 2 B x 4
+    fits = {k: r.fits(x) for k, x in rows.items()}
+    # 7B bf16 full fine-tune on a 16 GiB card with 32 GiB of host RAM: only our offloaded rows fit both sides
+    assert fits == {**{k: False for k in rows}, "lowbit_8bit_offload": True, "lowbit_4bit_offload": True}
+    assert rows["torchao_offload"].total <= r.gpu_memory  # it fits the GPU; the host is what it lacks
+    table = r.table()
+    assert "host RAM" in table and "host 32.00 GiB" in table
+
+
 def test_cli_memory_fit_table(tmp_path, capsys):
     pytest.importorskip("transformers")
     from lowbit_adamw.cli import main

@@ -18,7 +18,8 @@ policy (``nn.Embedding`` weights keep fp32 state; ``embedding_fp32=False`` turns
 ``TrainingArguments.optim_args`` may set our own options, e.g. ``optim_args="bits=4"`` (4-bit state),
 ``optim_args="block_size=128,min_8bit_size=0"``,
 or ``optim_args="step_in_backward=true"`` (with ``max_grad_norm=0`` and no gradient accumulation, which
-Trainer would otherwise apply to gradients that no longer exist: refused with a message).
+Trainer would otherwise apply to gradients that no longer exist: refused with a message), and
+``optim_args="offload=cpu"`` (state in host memory, the C++ step on the host: ``lowbit_adamw.offload``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ ROUTES: dict[str, tuple[dict[str, Any], str]] = {
     "adamw_8bit": ({}, "bitsandbytes' AdamW8bit in Trainer; the same 8-bit AdamW (2.03 B/param of state)"),
     "adamw_bnb_8bit": ({}, "bitsandbytes' AdamW8bit; the same 8-bit AdamW (2.03 B/param of state)"),
     "paged_adamw_8bit": ({}, ("bitsandbytes' paged AdamW8bit; state is not paged to host memory, it stays on the "
-                              "device, compact (2.03 B/param)")),
+                              "device, compact (2.03 B/param); optim_args='offload=cpu' keeps it in host memory instead")),
     "adamw_torch_8bit": ({}, ("torchao's AdamW8bit; tensors under min_8bit_size=4096 elements keep fp32 state "
                               "(torchao: tensors whose size is not a multiple of 256)")),
     "adamw_torch_4bit": ({"bits": 4}, ("torchao's AdamW4bit; 4-bit state (1.06 B/param), tensors under "
@@ -78,6 +79,7 @@ _OPTIM_ARG_TYPES = {
     "clip_value": float,
     "step_in_backward": lambda s: _parse_bool("step_in_backward", s),
     "step_in_backward_bucket_mb": float,
+    "offload": lambda s: None if s.lower() in ("none", "") else s,
 }
 
 

@@ -26,6 +26,23 @@ CONFIGS = {
     "lowbit_8bit_sib": ("lowbit AdamW8bit + step in backward", "lowbit_8bit", True),
     "lowbit_4bit_sib": ("lowbit bits=4 + step in backward", "lowbit_4bit", True),
 }
+# Rows with optimizer state in host memory, added when the host's memory is given. Ours from our own
+# layout (lowbit_adamw.offload); the peers' from their published layouts:
+# - torchao's CPUOffloadOptimizer(offload_gradients=True): torch AdamW (fused) on the CPU over pinned
+#   host copies of the weights and gradients; its moments take the parameter's dtype (torch AdamW's
+#   zeros_like). The GPU keeps the weights and, gradients being moved out as each completes, about one
+#   gradient at a time.
+# - DeepSpeed ZeRO-Offload (stage 2, offload_optimizer cpu): fp32 master weights, gradients, m and v on
+#   the host (16 B/param); the GPU keeps the 16-bit weights and gradients in reduce buckets of
+#   reduce_bucket_size = 5e8 elements (its default).
+OFFLOAD_CONFIGS = {
+    "lowbit_8bit_offload": ("lowbit 8-bit offload=cpu + step in backward", "lowbit_8bit", True),
+    "lowbit_4bit_offload": ("lowbit bits=4 offload=cpu + step in backward", "lowbit_4bit", True),
+    "torchao_offload": ("torchao CPUOffloadOptimizer (offload_gradients)", None, None),
+    "deepspeed_offload": ("DeepSpeed ZeRO-Offload (published layout)", None, None),
+}
+DEEPSPEED_REDUCE_BUCKET_ELEMENTS = 500_000_000
+STAGING_BUFFERS = 2  # lowbit_adamw.offload: gradient staging buffers in flight
 
 
 def parse_size(text: str) -> int:
@@ -92,11 +109,13 @@ class FitRow:
     label: str
     weights: int
     grads: int
-    state: int
+    state: int  # on the GPU
     activations: int
+    host: int = 0  # host RAM the optimizer holds (offloaded state, weight and gradient copies)
 
     @property
     def total(self) -> int:
+        """GPU bytes."""
         return self.weights + self.grads + self.state + self.activations
 
 
@@ -110,19 +129,23 @@ class FitReport:
     gpu_memory: int
     bucket_mb: float
     rows: list[FitRow] = field(default_factory=list)
+    host_memory: int | None = None
 
     def fits(self, row: FitRow) -> bool:
-        return row.total <= self.gpu_memory
+        """The GPU holds its part and, when the host's memory is given, the host holds the rest."""
+        return row.total <= self.gpu_memory and (self.host_memory is None or row.host <= self.host_memory)
 
     def table(self) -> str:
         gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
         head = (f"{self.model}, {self.dtype} weights, batch {self.batch} x {self.seq} tokens, activation checkpointing "
-                f"{'on' if self.checkpointing else 'off'}, GPU {gib(self.gpu_memory)} GiB (GiB per column)")
-        cols = ("configuration", "weights", "grads (peak)", "state", "activations", "total", "fits")
+                f"{'on' if self.checkpointing else 'off'}, GPU {gib(self.gpu_memory)} GiB"
+                + (f", host {gib(self.host_memory)} GiB" if self.host_memory is not None else "") + " (GiB per column; estimates)")
+        host = self.host_memory is not None
+        cols = ("configuration", "weights", "grads (peak)", "state", "activations", "GPU total") + (("host RAM",) if host else ()) + ("fits",)
         lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.rows:
             lines.append(f"| {r.label} | {gib(r.weights)} | {gib(r.grads)} | {gib(r.state)} | {gib(r.activations)} | "
-                         f"{gib(r.total)} | {'yes' if self.fits(r) else 'no'} |")
+                         f"{gib(r.total)} | " + (f"{gib(r.host)} | " if host else "") + f"{'yes' if self.fits(r) else 'no'} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -172,12 +195,18 @@ class FitReport:
 
 
 def fit_report(model: str | nn.Module, gpu_memory: int | str, batch: int = 1, seq: int = 2048, checkpointing: bool = False,
-               dtype: torch.dtype | None = None, configs=tuple(CONFIGS), bucket_mb: float = 64.0) -> FitReport:
+               dtype: torch.dtype | None = None, configs=None, bucket_mb: float = 64.0,
+               host_memory: int | str | None = None) -> FitReport:
     """The fit table for ``model`` (a name from ``memory.MODEL_CONFIGS``, a config.json path, or an HF module).
 
     Gradients: every trainable parameter's, as after ``backward()``; with the step in backward at most
-    one bucket (``bucket_mb``, AdamW8bit's ``step_in_backward_bucket_mb``) plus the largest gradient."""
+    one bucket (``bucket_mb``, AdamW8bit's ``step_in_backward_bucket_mb``) plus the largest gradient.
+    ``host_memory``: also the rows of ``OFFLOAD_CONFIGS`` (state in host memory), with their host RAM;
+    a row fits when both sides hold their part. ``configs``: keys of ``CONFIGS``/``OFFLOAD_CONFIGS``."""
     gpu = parse_size(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
+    host_bytes = parse_size(host_memory) if isinstance(host_memory, str) else host_memory
+    if configs is None:
+        configs = tuple(CONFIGS) + (tuple(OFFLOAD_CONFIGS) if host_bytes is not None else ())
     built = load_model(model)
     specs = param_specs(built, dtype)
     weights = sum(torch.empty(p.shape, dtype=dtype or p.dtype, device="meta").nbytes for p in built.parameters())
@@ -185,14 +214,29 @@ def fit_report(model: str | nn.Module, gpu_memory: int | str, batch: int = 1, se
     acts = activation_bytes(model if isinstance(model, str) else built, batch, seq, checkpointing, dtype)
     name = model if isinstance(model, str) else type(model).__name__
     report = FitReport(name, str(dtype or next(built.parameters()).dtype).replace("torch.", ""), batch, seq, checkpointing, gpu,
-                       bucket_mb)
+                       bucket_mb, host_memory=host_bytes)
+    bucket = min(sum(grad_sizes), int(bucket_mb * 2**20) + max(grad_sizes, default=0))
     for key in configs:
+        if key in OFFLOAD_CONFIGS:
+            report.rows.append(_offload_row(key, specs, weights, grad_sizes, bucket, acts))
+            continue
         label, optimizer, in_backward = CONFIGS[key]
-        grads = sum(grad_sizes)
-        if in_backward:
-            grads = min(grads, int(bucket_mb * 2**20) + max(grad_sizes, default=0))
+        grads = bucket if in_backward else sum(grad_sizes)
         report.rows.append(FitRow(key, label, weights, grads, estimate_state_bytes(optimizer, specs)["total"], acts))
     return report
 
 
-__all__ = ["CONFIGS", "FitReport", "FitRow", "activation_bytes", "fit_report", "parse_size"]
+def _offload_row(key: str, specs, weights: int, grad_sizes: list[int], bucket: int, acts: int) -> FitRow:
+    label, optimizer, _ = OFFLOAD_CONFIGS[key]
+    numel = sum(s.meta.numel() for s in specs)
+    if optimizer is not None:  # ours: state + the host copy of the weights + the staging buffers
+        host = estimate_state_bytes(optimizer, specs)["total"] + weights + STAGING_BUFFERS * bucket
+        return FitRow(key, label, weights, bucket, 0, acts, host)
+    if key == "torchao_offload":  # pinned weight and gradient copies + torch AdamW moments in the parameter dtype
+        host = sum(4 * s.meta.nbytes for s in specs)
+        return FitRow(key, label, weights, max(grad_sizes, default=0), 0, acts, host)
+    elem = specs[0].meta.element_size() if specs else 2
+    return FitRow(key, label, weights, min(sum(grad_sizes), DEEPSPEED_REDUCE_BUCKET_ELEMENTS * elem), 0, acts, 16 * numel)
+
+
+__all__ = ["CONFIGS", "OFFLOAD_CONFIGS", "FitReport", "FitRow", "activation_bytes", "fit_report", "parse_size"]
