@@ -31,7 +31,7 @@ import torch
 
 from . import format as fmt
 from . import layout
-from . import sharding
+from . import placement, sharding
 
 VERSION_KEY = "lowbit_format_version"
 RUN_KEY = "lowbit_run"
@@ -114,14 +114,6 @@ def _check_scales(absmax: torch.Tensor, label: str, name: str, bits: int, versio
         raise _bad(label, f"{name}_absmax has {int(bad.sum())} scale(s) that are NaN, infinite"
                           f"{'' if signed_ok else ' or negative'}; the checkpoint is corrupt (a block scale is the largest "
                           "|value| of its block)")
-
-
-def full_state_dtype(p: torch.Tensor) -> torch.dtype:
-    """The dtype of full-precision moments: float64 (complex128) for float64 (complex128) parameters,
-    else float32 (complex64 for complex64), whatever a 16-bit parameter's dtype."""
-    if p.dtype in (torch.float64, torch.complex128, torch.complex64):
-        return p.dtype
-    return torch.float32
 
 
 def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int, version: int, device=None) -> dict:
@@ -246,7 +238,7 @@ def load_state_dict(opt, state_dict: dict) -> None:
                 f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
             )
         for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-            id_map[pid] = (p, opt._label(group, j, p), group["block_size"], group["bits"], opt._state_device(p, group))
+            id_map[pid] = (p, opt._label(group, j, p), group["block_size"], group["bits"], placement.state_device(p, group))
 
     new_state = defaultdict(dict)
     layouts = {}

@@ -6,8 +6,9 @@ import copy
 import torch
 
 from . import format as fmt
-from . import layout
-from .checkpoint import META_KEY, ORDER_KEY, full_state_dtype
+from . import layout, placement
+from .checkpoint import META_KEY, ORDER_KEY
+from .placement import full_state_dtype
 from .migrate import TORCH_GROUP_KEYS, lowbit_to_torch
 
 
@@ -45,7 +46,7 @@ def from_torch_adamw(optimizer, torch_state_dict: dict) -> dict:
         step = s["step"]
         out = {"step": (step.detach().float().cpu().reshape(()) if isinstance(step, torch.Tensor) else torch.tensor(float(step)))}
         names = [n for n in fmt.QUANTIZED_MOMENTS if n in s]
-        if optimizer._wants_8bit(p, g):
+        if placement.wants_8bit(optimizer, p, g):
             for name in names:
                 flat = layout.logical_to_flat(s[name].to(p.device), p)
                 codes, absmax = fmt.quantize_blockwise(flat, fmt.is_signed(name), g["block_size"], g["bits"])

@@ -1,10 +1,12 @@
 """``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit (or 4-bit) blockwise codes.
 
-The class coordinates, as torch's ``adamw.py`` does: it owns the param groups, validates, keeps the
-state and dispatches each bucket of tensors to one call of ``torch.ops.lowbit_adamw.step_``
-(``lowbit_adamw.ops``). The other concerns live in their own modules: the update in ``step_spec`` and
-``functional``, memory order in ``layout``, clipping norms in ``clipping``, the state dict in
-``checkpoint``, the step inside backward in ``in_backward``, non-finite reports in ``nonfinite``,
+The class coordinates, as torch's ``adamw.py`` does: it owns the param groups and the state and
+dispatches each bucket of tensors to one call of ``torch.ops.lowbit_adamw.step_`` (``lowbit_adamw.ops``).
+The other concerns live in their own modules: the update in ``step_spec`` and ``functional``, checks
+of the user's input in ``validation``, the form and place of each parameter's state in ``placement``,
+memory order in ``layout``, clipping norms in ``clipping``, the state dict and its format versions in
+``checkpoint``, the step inside backward in ``in_backward``, state in host memory in ``offload`` (the
+pipeline) and ``offload_step`` (the buckets into it), non-finite reports in ``nonfinite``,
 bitsandbytes' calling conventions in ``bnb_compat``.
 
 A step has two phases. First everything is computed and checked without writing anything: every
@@ -16,7 +18,6 @@ parameter and state tensor as it was.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -27,44 +28,21 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import bnb_compat, checkpoint, clipping, layout, ops, sharding
-from . import offload as offloading
+from . import bnb_compat, checkpoint, clipping, layout, ops, placement, sharding, validation
 from . import format as fmt
 from .in_backward import InBackward, check_single_device
 from .nonfinite import NonfiniteReporter
+from .offload_step import OffloadSteps
+from .placement import QUANTIZABLE_DTYPES
 from .step_spec import NONFINITE_MODES as _NONFINITE
-from .step_spec import state_names
 
 _BACKENDS = ("auto", "torch", "compiled", "cpp", "triton")
-QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 SUPPORTED_DTYPES = QUANTIZABLE_DTYPES + (torch.float64, torch.complex128)
 # Attributes a copy of the optimizer (deepcopy, pickle, torch.save) must carry besides torch's
 # defaults/state/param_groups; the rest is rebuilt by _init_runtime.
 _PERSISTENT = ("backend", "nonfinite", "max_grad_norm", "accumulation_steps", "ema_decay", "ema_overwrite_frequency",
                "step_in_backward", "_bucket_bytes", "seed", "_calls", "_updates", "_fp32_forced", "_min_size_override",
                "_layouts", "_reporter")
-
-
-def _check_scalar(name, value, low, high=None, high_open=False, what=None, allow_inf=False):
-    """``what``: torch's wording of the error (``Invalid learning rate``), kept so that code matching
-    torch's messages still matches."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-        value = value.item()
-    if (not isinstance(value, (int, float)) or isinstance(value, bool) or value != value
-            or (not allow_inf and value in (math.inf, -math.inf))):
-        raise ValueError(f"{what or 'Invalid ' + name}: {value!r} ({name} must be a finite real number)")
-    if value < low or (high is not None and (value >= high if high_open else value > high)):
-        bound = f"[{low}, {high})" if high_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
-        raise ValueError(f"{what or 'Invalid ' + name}: {value} ({name} must be in {bound})")
-    return value
-
-
-def _check_int(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -191,19 +169,19 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        _check_int("accumulation_steps", accumulation_steps, 1)
-        _check_int("min_8bit_size", min_8bit_size, 0)
+        validation.check_int("accumulation_steps", accumulation_steps, 1)
+        validation.check_int("min_8bit_size", min_8bit_size, 0)
         if max_grad_norm is not None:
-            _check_scalar("max_grad_norm", max_grad_norm, 0.0)
+            validation.check_scalar("max_grad_norm", max_grad_norm, 0.0)
         if ema_decay is not None:
-            _check_scalar("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
+            validation.check_scalar("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         if ema_overwrite_frequency is not None and (ema_decay is None or not isinstance(ema_overwrite_frequency, int)
                                                     or isinstance(ema_overwrite_frequency, bool) or ema_overwrite_frequency < 1):
             raise ValueError("ema_overwrite_frequency needs ema_decay and must be an int >= 1")
         if seed is not None:
-            _check_int("seed", seed, 0)
+            validation.check_int("seed", seed, 0)
         # inf: one bucket, stepped at the end of backward
-        bucket_mb = _check_scalar("step_in_backward_bucket_mb", step_in_backward_bucket_mb, 0.0, allow_inf=True)
+        bucket_mb = validation.check_scalar("step_in_backward_bucket_mb", step_in_backward_bucket_mb, 0.0, allow_inf=True)
         if step_in_backward:
             if bucket_mb <= 0:
                 raise ValueError(f"step_in_backward_bucket_mb must be > 0, got {step_in_backward_bucket_mb!r}")
@@ -243,7 +221,7 @@ class AdamW8bit(torch.optim.Optimizer):
             if config.get("optim_bits") == 32:
                 self._fp32_forced[p] = True
             if "min_8bit_size" in config:
-                self._min_size_override[p] = _check_int("min_8bit_size (GlobalOptimManager override)", config["min_8bit_size"], 0)
+                self._min_size_override[p] = validation.check_int("min_8bit_size (GlobalOptimManager override)", config["min_8bit_size"], 0)
         if fp32_state is not None:
             self.force_fp32_state(*fp32_state, model=model)
 
@@ -255,8 +233,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._in_backward = InBackward(self._step_in_backward_params, getattr(self, "_bucket_bytes", 64 << 20),
                                        self._finish_update) if self.step_in_backward else None
         self._warned_no_triton = False
-        self._pipelines: dict = {}  # device -> OffloadPipeline (lowbit_adamw.offload), made at first use
-        self._deferred_norms: dict = {}  # (group, position) -> (norm, host multiplier, clip_norm), offload + in-backward + max_grad_norm
+        self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload_step)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
 
@@ -286,39 +263,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 for p in group["params"]:
                     self._in_backward.attach(p)
 
-    # ---- groups and validation ----------------------------------------------------------------
+    # ---- groups and validation (lowbit_adamw.validation) -------------------------------------------
 
-    @staticmethod
-    def _validate_group(group: dict) -> None:
-        lr = group["lr"]
-        if not callable(lr):
-            _check_scalar("lr", lr, 0.0, what="Invalid learning rate")
-        for key in ("clip_value", "clip_norm", "loss_scale"):
-            if group.get(key) is not None:
-                _check_scalar(key, group[key], 0.0)
-        if group.get("loss_scale") is not None and group["loss_scale"] == 0:
-            raise ValueError("loss_scale must be > 0 (gradients are divided by it)")
-        if group.get("clip_value") is not None and group.get("clip_norm") is not None:
-            raise ValueError("clip_value and clip_norm are exclusive (as Keras' clipvalue / clipnorm): set one")
-        _check_scalar("eps", group["eps"], 0.0, what="Invalid epsilon value")
-        _check_scalar("weight_decay", group["weight_decay"], 0.0, what="Invalid weight_decay value")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for i in (0, 1):
-            _check_scalar(f"betas[{i}]", betas[i], 0.0, 1.0, high_open=True, what=f"Invalid beta parameter at index {i}")
-        for key in ("amsgrad", "maximize", "bias_correction", "stochastic_rounding", "fp32_state"):
-            if not isinstance(group.get(key, False), (bool, int)) or isinstance(group.get(key), float):
-                raise ValueError(f"{key} must be True or False, got {group.get(key)!r}")
-        if group.get("differentiable"):
-            raise ValueError("differentiable=True is not supported (quantized moments are not differentiable)")
-        fmt.check_bits(group["bits"])
-        if group["block_size"] is not None:  # None (the constructor default): resolved per group by its width
-            fmt.check_block_size(group["block_size"])
-        _check_int("min_8bit_size", group["min_8bit_size"], 0)
-        offloading.check_offload(group.get("offload"))
+    _validate_group = staticmethod(validation.validate_group)
+    _label = staticmethod(validation.label)
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's; the group (its hyper-parameters and parameters) is checked before it is kept, so
@@ -336,7 +284,7 @@ class AdamW8bit(torch.optim.Optimizer):
                                     "or a complex type)")
                 if self.step_in_backward:
                     check_single_device(p, label)
-                if self._defers_clipping() and group.get("offload") != "cpu":
+                if self._offload.defers_clipping() and group.get("offload") != "cpu":
                     raise ValueError(f"{label}: step_in_backward=True with max_grad_norm needs offload='cpu' in every param "
                                      "group (only the offloaded CPU steps can wait for the end of backward)")
                 if group.get("offload") and (sharding.is_dtensor(p) or p.device.type not in ("cuda", "cpu")):
@@ -351,6 +299,16 @@ class AdamW8bit(torch.optim.Optimizer):
             for p in group["params"]:
                 self._in_backward.attach(p)
 
+    def force_fp32_state(self, *items, model: nn.Module | None = None) -> None:
+        """Keep fp32 state for these parameters, modules, or module types (searched in ``model``).
+        Parameters that already have 8-bit state are converted (dequantized) in place."""
+        placement.force_fp32_state(self, *items, model=model)
+
+    def offload_host_bytes(self) -> int:
+        """Pinned host memory the offload pipelines hold (the weight copies and staging buffers); the
+        state itself is in ordinary host memory (see ``lowbit_adamw.memory``)."""
+        return self._offload.host_bytes()
+
     def _check_aliasing(self) -> None:
         """Two parameters that share memory would be updated at once by the step's threads (and twice):
         refused. The same tensor twice is what torch warns about and steps twice; that is done in order."""
@@ -362,137 +320,6 @@ class AdamW8bit(torch.optim.Optimizer):
                 f"{self._label(entries[a][0], entries[a][1], entries[a][2])} and "
                 f"{self._label(entries[b][0], entries[b][1], entries[b][2])} are views of the same memory: the optimizer "
                 "would update the shared elements twice. Optimize the tensor they are views of, or give each its own storage")
-
-    @staticmethod
-    def _label(group: dict, index: int, p: torch.Tensor) -> str:
-        names = group.get("param_names")
-        if names:
-            return f"parameter '{names[index]}'"
-        return f"parameter {index} of its param group (shape {tuple(p.shape)})"
-
-    def force_fp32_state(self, *items, model: nn.Module | None = None) -> None:
-        """Keep fp32 state for these parameters, modules, or module types (searched in ``model``).
-        Parameters that already have 8-bit state are converted (dequantized) in place."""
-        params: list[torch.Tensor] = []
-        for item in items:
-            if isinstance(item, type) and issubclass(item, nn.Module):
-                if model is None:
-                    raise ValueError(f"fp32_state names the module type {item.__name__}: pass model= to search it")
-                params += [p for mod in model.modules() if isinstance(mod, item) for p in mod.parameters(recurse=False)]
-            elif isinstance(item, nn.Module):
-                params += list(item.parameters())
-            elif isinstance(item, torch.Tensor):
-                params.append(item)
-            else:
-                raise TypeError(f"fp32_state items must be parameters, modules or module types, got {type(item).__name__}")
-        for p in params:
-            self._fp32_forced[p] = True
-            state = self.state.get(p)
-            if state and "exp_avg_codes" in state:
-                self._dequantize_state(p, state)
-
-    def _dequantize_state(self, p, state) -> None:
-        bits, block = self._layouts.get(p, (self._group_of(p)["bits"], self._group_of(p)["block_size"]))
-        loc = layout.real_view(sharding.local(p))
-        order = layout.element_order(sharding.local(p))
-        for name in fmt.QUANTIZED_MOMENTS:
-            if name + "_codes" in state:
-                codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
-                flat = fmt.dequantize_blockwise(sharding.local(codes).reshape(-1), sharding.local(absmax).reshape(-1),
-                                                fmt.is_signed(name), block, bits, numel=loc.numel())
-                full = torch.empty_like(sharding.local(p), dtype=checkpoint.full_state_dtype(p), device=flat.device)
-                layout.real_view(full).copy_(layout.from_order(flat, loc.shape, order))
-                state[name] = sharding.like(p, full, p.shape)
-        self._layouts.pop(p, None)
-
-    def _group_of(self, p):
-        for g in self.param_groups:
-            if any(q is p for q in g["params"]):
-                return g
-        raise KeyError("parameter is not in this optimizer")
-
-    def _wants_8bit(self, p: torch.Tensor, group: dict, min_size: int | None = None) -> bool:
-        if p.dtype not in QUANTIZABLE_DTYPES or group["fp32_state"] or p in self._fp32_forced:
-            return False
-        min_size = self._min_size_override.get(p, group["min_8bit_size"]) if min_size is None else min_size
-        return layout.real_view(p).numel() >= min_size and sharding.can_quantize(p, group["block_size"])
-
-    def _say_small_fp32(self) -> None:
-        """Once, at the first step: a large share of the parameters keeps fp32 state only because each of
-        its tensors is under ``min_8bit_size`` (LoRA adapters: r x width is often 2-4k elements)."""
-        if self._small_said or not self._small_fp32:
-            return
-        self._small_said = True
-        total = sum(layout.real_view(sharding.local(p)).numel() for g in self.param_groups for p in g["params"] if p in self.state)
-        small = sum(n for n, _, _ in self._small_fp32)
-        if len(self._small_fp32) < 8 or small < 0.25 * total:  # a few biases and norms are what the default is for
-            return
-        saved = sum(n * 8 - n * fmt.state_bytes_per_element(bits, block) for n, bits, block in self._small_fp32)
-        warnings.warn(f"AdamW8bit: {len(self._small_fp32)} tensors ({100 * small / total:.0f}% of the parameters with state) keep "
-                      f"fp32 state (8 B/param) because each has fewer than min_8bit_size elements (as LoRA adapters do); "
-                      f"min_8bit_size=0 would save {saved / 2**20:.2f} MiB of optimizer state", UserWarning, stacklevel=4)
-
-    @staticmethod
-    def _state_device(p: torch.Tensor, group: dict) -> torch.device:
-        """Where the state of ``p`` lives: host memory for an offloaded group, else beside the parameter."""
-        return torch.device("cpu") if group.get("offload") == "cpu" else sharding.local(p).device
-
-    def _place_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        """State written on one side (a checkpoint, or the group's ``offload`` changed) moves to the other
-        as it is: the bytes are the same wherever they live."""
-        if sharding.is_dtensor(p):
-            return
-        dev = self._state_device(p, group)
-        for k, v in state.items():
-            if k != "step" and isinstance(v, torch.Tensor) and v.device != dev:
-                state[k] = v.to(dev)
-
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        dev = self._state_device(p, group)
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        names = state_names(group["amsgrad"])
-        if self._wants_8bit(p, group):
-            block, bits = group["block_size"], group["bits"]
-            numel = layout.real_view(sharding.local(p)).numel()
-            for name in names:
-                # The code of zero; at 4 bits both nibbles of a byte hold it.
-                zero = fmt.m_zero_code(bits) * (1 if bits == 8 else 17) if fmt.is_signed(name) else fmt.V_ZERO_CODE
-                if sharding.is_dtensor(p):  # rows travel with their codes and scales, so DCP can reshard it (see sharding.py)
-                    loc = sharding.local(p)
-                    rows = loc.shape[0] if loc.dim() else 0
-                    codes_local = loc.shape if bits == 8 else (rows, sharding.row_length(p) // 2)
-                    codes = torch.full(codes_local, zero, dtype=torch.uint8, device=loc.device)
-                    absmax = torch.zeros(rows, sharding.row_length(p) // block, device=loc.device)
-                    state[name + "_codes"] = sharding.like(p, codes, sharding.codes_shape(p, bits))
-                    state[name + "_absmax"] = sharding.like(p, absmax, sharding.absmax_shape(p, block))
-                else:
-                    state[name + "_codes"] = torch.full((fmt.codes_numel(numel, bits),), zero, dtype=torch.uint8, device=dev)
-                    state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=dev)
-            self._layouts[p] = (bits, block)
-        else:
-            if self._wants_8bit(p, group, min_size=0):
-                self._small_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"]))
-            for name in names:
-                state[name] = torch.zeros_like(p, dtype=checkpoint.full_state_dtype(p), memory_format=torch.preserve_format,
-                                               device=dev)
-        return state
-
-    def _ema_state(self, p: torch.Tensor, device=None) -> torch.Tensor:
-        # fp32 (16-bit weights would stall a slow average); float64/complex weights keep their own dtype
-        ema = torch.empty_like(p, dtype=checkpoint.full_state_dtype(p), device=device or p.device)
-        return ema.copy_(p.detach())
-
-    def _check_grad(self, p, label):
-        g = p.grad
-        if g.is_sparse:
-            raise RuntimeError(f"{label} has a sparse gradient; AdamW8bit does not support sparse gradients (use nn.Embedding(sparse=False) or torch.optim.SparseAdam)")
-        if g.device != p.device:
-            raise RuntimeError(f"{label} is on {p.device} but its gradient is on {g.device}; move both to one device")
-        if g.dtype != p.dtype:
-            raise RuntimeError(f"{label} has dtype {p.dtype} but its gradient has dtype {g.dtype}; gradients must match the parameter dtype")
-        if g.shape != p.shape:
-            raise RuntimeError(f"{label} has shape {tuple(p.shape)} but its gradient has shape {tuple(g.shape)}")
 
     def _resolve_backend(self, device: torch.device) -> str:
         if self.backend != "auto":
@@ -572,17 +399,17 @@ class AdamW8bit(torch.optim.Optimizer):
             label = self._label(group, i, p)
             state = self.state[p]
             if not state:
-                state = self._init_state(p, group)
+                state = placement.init_state(self, p, group)
             else:
-                self._place_state(p, group, state)
-                self._convert_if_relaid(p, group, state, label)
+                placement.place_state(p, group, state)
+                placement.convert_if_relaid(self, p, group, state, label)
             if group["amsgrad"] and "exp_avg_sq_codes" in state and "max_exp_avg_sq_codes" not in state:
                 raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
             if group["amsgrad"] and "exp_avg_sq" in state and "max_exp_avg_sq" not in state:
                 raise RuntimeError(f"{label}: amsgrad was switched on after training started; its state has no max_exp_avg_sq")
             if self.ema_decay is not None and "ema" not in state:  # new state, or a checkpoint saved without EMA
-                state["ema"] = self._ema_state(p, self._state_device(p, group)) if not sharding.is_dtensor(p) else \
-                    sharding.like(p, self._ema_state(sharding.local(p)), p.shape)
+                state["ema"] = placement.ema_state(p, placement.state_device(p, group)) if not sharding.is_dtensor(p) else \
+                    sharding.like(p, placement.ema_state(sharding.local(p)), p.shape)
             params.append(p)
             grads.append(p.grad)
             labels.append(label)
@@ -594,36 +421,13 @@ class AdamW8bit(torch.optim.Optimizer):
             self._cache_id(gi, dev, sharding.local(p).dtype)
             self._reporter.prepare((gi, str(dev)), dev, lambda: [self._label(group, j, q) for j, q in enumerate(group["params"])])
         if group is self.param_groups[-1]:
-            self._say_small_fp32()
+            placement.say_small_fp32(self)
 
     def _group_index(self, group) -> int:
         for i, g in enumerate(self.param_groups):
             if g is group:
                 return i
         raise KeyError("param group is not in this optimizer")
-
-    def _convert_if_relaid(self, p, group, state, label) -> None:
-        """A group whose ``bits`` or ``block_size`` changed after its state was written: re-encode the
-        state for the new layout (dequantize with the old, quantize with the new) instead of reading old
-        codes with the new layout."""
-        if "exp_avg_codes" not in state:
-            return
-        old = self._layouts.get(p)
-        new = (group["bits"], group["block_size"])
-        if old is None or old == new:
-            return
-        if sharding.is_dtensor(p):
-            raise ValueError(f"{label}: the group's bits/block_size changed from {old} to {new} after training started; "
-                             "a sharded state cannot be re-encoded in place. Restore the group's settings")
-        warnings.warn(f"AdamW8bit: {label}: the group's (bits, block_size) changed from {old} to {new}; its state is "
-                      "re-encoded (one extra rounding)", UserWarning, stacklevel=5)
-        numel = layout.real_view(p).numel()
-        for name in fmt.QUANTIZED_MOMENTS:
-            if name + "_codes" in state:
-                flat = fmt.dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"], fmt.is_signed(name), old[1],
-                                                old[0], numel=numel)
-                state[name + "_codes"], state[name + "_absmax"] = fmt.quantize_blockwise(flat, fmt.is_signed(name), new[1], new[0])
-        self._layouts[p] = new
 
     def _state_list(self, state: dict, kind: str, amsgrad: bool) -> list[torch.Tensor]:
         return [sharding.local(state[k]) for k in ops.state_per_param(kind, amsgrad, self.ema_decay is not None)]
@@ -696,7 +500,7 @@ class AdamW8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 if p.grad is not None and (only is None or p in only):
-                    self._check_grad(p, self._label(group, i, p))
+                    validation.check_grad(p, self._label(group, i, p))
         if self.nonfinite == "raise":
             probe = [([p for p in g["params"] if p.grad is not None and (only is None or p in only)],
                       [self._label(g, i, p) for i, p in enumerate(g["params"]) if p.grad is not None and (only is None or p in only)])
@@ -723,16 +527,15 @@ class AdamW8bit(torch.optim.Optimizer):
                 work.append((gi, key, buckets[key]))
         if not entries:
             return
-        deferring = self._defers_clipping()
+        deferring = self._offload.defers_clipping()
         multiplier = None
         if deferring:
-            self._defer_norms(entries, base_mul)
+            self._offload.defer_norms(entries, base_mul)
         elif self._clips():
             multiplier = self._clip_multipliers(entries, base_mul)
         # Phase two: one op per bucket.
         for gi, (kind, _dev, _dtype, _rnd), idx in work:
             group, sc = self.param_groups[gi], scalars[gi]
-            quantized = kind == ops.KIND_QUANTIZED
             ps = [entries[i][1] for i in idx]
             local_ps = [sharding.local(p) for p in ps]
             nonempty = [j for j, lp in enumerate(local_ps) if lp.numel() > 0 and lp.device.type != "meta"]
@@ -747,8 +550,8 @@ class AdamW8bit(torch.optim.Optimizer):
             ps = [ps[j] for j in nonempty]
             if group.get("offload") == "cpu":
                 if _rnd:  # the same tensor listed twice: its first round must land on the host copy first
-                    self._drain_offload()
-                self._offload_bucket(gi, kind, ps, sel, entries, multiplier, sc, deferring, base_mul)
+                    self._offload.drain()
+                self._offload.bucket(gi, kind, ps, sel, entries, multiplier, sc, base_mul)
                 continue
             report = self._run_bucket(gi, kind, ps, [sharding.local(p) for p in ps], [sharding.local(entries[i][2]) for i in sel],
                                       None if multiplier is None else multiplier[sel], sel, entries, sc, local_ps[nonempty[0]].device,
@@ -785,95 +588,6 @@ class AdamW8bit(torch.optim.Optimizer):
 
     # ---- offload (lowbit_adamw.offload) -----------------------------------------------------------
 
-    def _pipeline(self, device: torch.device):
-        key = str(device)
-        if key not in self._pipelines:
-            deferring = self.step_in_backward and self.max_grad_norm is not None
-            weights = offloading.arena_bytes([q for g in self.param_groups if g.get("offload") == "cpu" for q in g["params"]
-                                              if q.device == device])
-            self._pipelines[key] = offloading.OffloadPipeline(device, staging_limit=None if deferring else 2,
-                                                              weight_bytes=weights)
-            weakref.finalize(self, self._pipelines[key].close)
-        return self._pipelines[key]
-
-    def _defers_clipping(self) -> bool:
-        """In backward with max_grad_norm (offload only): the global norm is known at the end of backward."""
-        return self.step_in_backward and self.max_grad_norm is not None
-
-    def _defer_norms(self, entries, base_mul: float) -> None:
-        """Each gradient's norm now, on the device, before it is freed; the multipliers at the end."""
-        flat, params, quantized, blocks, host, clip_norms = self._clip_inputs(entries, base_mul)
-        for e, f, p, q, b, h, c in zip(entries, flat, params, quantized, blocks, host, clip_norms):
-            norm = clipping.applied_norms([f], [p], [q], [b], self.nonfinite == "skip")[0]
-            self._deferred_norms[(e[0], e[6])] = (norm, h, c)
-
-    def _deferred_multipliers(self) -> dict:
-        """(group, position) -> host multiplier, from every norm of this backward, in the order the
-        on-device step would have stacked them (group, then position), so the global norm sums alike."""
-        keys = sorted(self._deferred_norms)
-        if not keys:
-            return {}
-        norms = [self._deferred_norms[k] for k in keys]
-        dev = norms[0][0].device
-        values = clipping.multipliers(torch.stack([n.to(dev) for n, _, _ in norms]),
-                                      torch.tensor([h for _, h, _ in norms], dtype=torch.float32).to(dev), self.max_grad_norm,
-                                      [None if math.isinf(c) else c for _, _, c in norms]).cpu()
-        self._deferred_norms = {}
-        return {k: values[i:i + 1] for i, k in enumerate(keys)}
-
-    @torch._disable_dynamo  # a worker thread and host buffers: run eagerly inside a compiled step
-    def _offload_bucket(self, gi, kind, ps, sel, entries, multiplier, sc, deferring: bool, base_mul: float) -> None:
-        """Stage the bucket's gradients down in pieces of at most ``step_in_backward_bucket_mb`` and queue
-        each piece's CPU step (or keep it for the end of backward, when deferring)."""
-        host = torch.device("cpu")
-        if (self.backend, "cpu") not in self._resolved_backends:
-            self._resolved_backends[(self.backend, "cpu")] = self._resolve_backend(host)
-        self._cache_id(gi, host, ps[0].dtype)
-        pipe = self._pipeline(ps[0].device)
-        pieces, piece, size = [], [], 0
-        for j, i in enumerate(sel):
-            g = entries[i][2]
-            nbytes = g.numel() * g.element_size()
-            if piece and size + nbytes > self._bucket_bytes:
-                pieces.append(piece)
-                piece, size = [], 0
-            piece.append(j)
-            size += nbytes
-        pieces.append(piece)
-        for piece in pieces:
-            pps, psel = [ps[j] for j in piece], [sel[j] for j in piece]
-            staged = pipe.stage(pps, [entries[i][2] for i in psel], None if multiplier is None else multiplier[psel])
-            step = functools.partial(self._run_bucket, gi, kind, pps, multiplier=None, sel=psel, entries=entries, sc=sc,
-                                     device=host, base_mul=base_mul)
-            if deferring:
-                pipe.defer(staged, (step, [(entries[i][0], entries[i][6]) for i in psel]))
-            else:
-                pipe.submit(staged, lambda hp, hg, hm, step=step: step(local_ps=hp, local_grads=hg, multiplier=hm))
-
-    @torch._disable_dynamo
-    def _drain_offload(self) -> None:
-        """Join the CPU steps in flight (deferred ones first get their clipping multipliers) and report."""
-        if not self._pipelines:
-            return
-        for pipe in self._pipelines.values():
-            if pipe.deferred:
-                muls = self._deferred_multipliers()
-
-                def bind(item, muls=muls):
-                    step, keys = item
-                    mul = torch.cat([muls[k] for k in keys])
-                    return lambda hp, hg, _hm: step(local_ps=hp, local_grads=hg, multiplier=mul)
-
-                pipe.release_deferred(bind)
-            for report in pipe.drain():
-                if report is not None:
-                    self._reporter.add(*report[:3], key=report[3], positions=report[4])
-
-    def offload_host_bytes(self) -> int:
-        """Pinned host memory the offload pipelines hold (the weight copies and staging buffers); the
-        state itself is in ordinary host memory (see ``lowbit_adamw.memory``)."""
-        return sum(p.host_bytes() for p in self._pipelines.values())
-
     def _clips(self) -> bool:
         return self.max_grad_norm is not None or any(g.get("clip_norm") is not None for g in self.param_groups)
 
@@ -908,8 +622,8 @@ class AdamW8bit(torch.optim.Optimizer):
         return flat, params, quantized, blocks, host, clip_norms
 
     def _finish_update(self) -> None:
-        if self._pipelines:  # (a plain dict test, so a fullgraph compiled step without offload does not break here)
-            self._drain_offload()
+        if self._offload.pipelines:  # (a plain dict test, so a fullgraph compiled step without offload does not break here)
+            self._offload.drain()
         self._updates += 1
         if self.ema_overwrite_frequency and self._updates % self.ema_overwrite_frequency == 0:
             self.copy_ema_to_params()
@@ -966,7 +680,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's state dict plus ``lowbit_adamw.checkpoint``'s entries; torch's state_dict post-hooks
         see the whole of it."""
-        self._drain_offload()
+        self._offload.drain()
         self._reporter.report(wait=True)
         post, self._optimizer_state_dict_post_hooks = self._optimizer_state_dict_post_hooks, type(
             self._optimizer_state_dict_post_hooks)()

@@ -56,6 +56,17 @@ def test_step_speed_writes_json_and_png(tmp_path):
     assert "x fused" in out
 
 
+def test_step_speed_times_each_peer_in_its_own_process(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    script("step_speed.py", "--set", "small", "--count", "3", "--numel", "5000", "--rounds", "1",
+           "--only", "fused,bnb AdamW8bit", "--out", str(tmp_path / "s.json"))
+    data = json.load(open(tmp_path / "s.json"))
+    own = data["peers_in_own_process"]["bnb AdamW8bit"]  # beside a torch fused of its own, not this process's
+    assert own["torch_fused_ms"] > 0 and data["ratio_to_torch_fused"]["bnb AdamW8bit"] == own["ratio_to_torch_fused"]
+    assert own["ratio_to_torch_fused"] == pytest.approx(own["median_ms"] / own["torch_fused_ms"])
+    assert set(data["median_ms"]) == {"torch AdamW fused", "bnb AdamW8bit"}
+
+
 def test_codec_quality_reports_ratio_to_bnb(tmp_path):
     pytest.importorskip("bitsandbytes")
     script("codec_quality.py", "--steps", "3", "--out", str(tmp_path / "c.json"))

@@ -50,6 +50,8 @@ def llama():
 def test_cls_and_kwargs_follow_training_args_and_trainer_groups(tmp_path):
     from transformers import Trainer
 
+    from lowbit_adamw import placement
+
     from lowbit_adamw.integrations.transformers import optimizer_cls_and_kwargs
 
     model = llama()
@@ -66,8 +68,8 @@ def test_cls_and_kwargs_follow_training_args_and_trainer_groups(tmp_path):
     assert id(names["model.norm.weight"]) in no_decay and id(names["lm_head.weight"]) not in no_decay
     # Trainer's bitsandbytes embedding policy: fp32 state for nn.Embedding weights, 8-bit for the rest.
     emb, head = names["model.embed_tokens.weight"], names["lm_head.weight"]
-    assert emb.numel() >= 1024 and not opt._wants_8bit(emb, opt.param_groups[0])
-    assert opt._wants_8bit(head, opt.param_groups[0])
+    assert emb.numel() >= 1024 and not placement.wants_8bit(opt, emb, opt.param_groups[0])
+    assert placement.wants_8bit(opt, head, opt.param_groups[0])
     _, kw_off = optimizer_cls_and_kwargs(args, model, embedding_fp32=False)
     assert "fp32_state" not in kw_off
 

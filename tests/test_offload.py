@@ -61,7 +61,7 @@ def test_offloaded_step_equals_the_on_device_step(dtype, bits):
     kw = dict(bits=bits, stochastic_rounding=dtype == torch.bfloat16)
     on, off = train(False, dtype, opt_kw=kw), train(True, dtype, opt_kw=kw)
     assert_same(on, off)
-    pipe = next(iter(off[1]._pipelines.values()))
+    pipe = next(iter(off[1]._offload.pipelines.values()))
     assert pipe.staging.count <= 2  # reused staging buffers, not one per bucket
     assert len(pipe.arena.chunks) == 1  # one arena for every weight copy
 

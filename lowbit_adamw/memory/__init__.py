@@ -2,7 +2,7 @@
 
 * ``estimate(model, optimizers)``: weights, gradients and optimizer state by kind for each optimizer,
   from parameter shapes alone. Build the model on the meta device (``load_model("llama-2-70b")``
-  does) and a 70B estimate costs nothing. lowbit's own rows come from ``AdamW8bit._init_state``
+  does) and a 70B estimate costs nothing. lowbit's own rows come from ``placement.init_state``
   run on meta tensors, so the estimate follows the optimizer's real decisions; the other optimizers'
   rules are written below and checked against the real libraries in tests/test_memory.py.
 * ``measure(model, optimizers, batch)``: a few real training steps per optimizer. State bytes come

@@ -162,7 +162,9 @@ class FitReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        import textwrap
+
+        fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(self.rows)), 4.5))
         parts = ("weights", "grads", "state", "activations")
         bottom = [0.0] * len(self.rows)
         top = max(r.total for r in self.rows) / 2**30
@@ -173,15 +175,17 @@ class FitReport:
                 if v >= 0.06 * top:  # a part too thin for its number keeps it in the table
                     ax.text(i, b + v / 2, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white")
             bottom = [b + v for b, v in zip(bottom, vals)]
-        for i, total in enumerate(bottom):
-            ax.text(i, total, f"{total:.1f} GiB", ha="center", va="bottom", fontsize=8, fontweight="bold")
+        for i, (total, row) in enumerate(zip(bottom, self.rows)):
+            host = f"\n+ host {row.host / 2**30:.1f}" if row.host else ""  # state kept in host RAM, beside the GPU's bar
+            ax.text(i, total, f"{total:.1f} GiB{host}", ha="center", va="bottom", fontsize=7, fontweight="bold")
         ax.axhline(self.gpu_memory / 2**30, color="black", linestyle="--", label=f"GPU {self.gpu_memory / 2**30:.0f} GiB")
-        ax.set_xticks(range(len(self.rows)), [r.label.replace(" + ", "\n+ ") for r in self.rows], fontsize=8)
+        ax.set_xticks(range(len(self.rows)), ["\n".join(textwrap.wrap(r.label, 16)) for r in self.rows], fontsize=7)
         ax.set_ylabel("GiB")
         ax.set_title(f"{self.model}, {self.dtype}, batch {self.batch} x {self.seq}, checkpointing "
-                     f"{'on' if self.checkpointing else 'off'}", fontsize=9)
+                     f"{'on' if self.checkpointing else 'off'}"
+                     + (f"; host {self.host_memory / 2**30:.0f} GiB" if self.host_memory is not None else ""), fontsize=9)
         ax.legend(fontsize=8)
-        ax.set_ylim(top=max(top, self.gpu_memory / 2**30) * 1.1)
+        ax.set_ylim(top=max(top, self.gpu_memory / 2**30) * 1.15)
         fig.tight_layout()
         return fig
 

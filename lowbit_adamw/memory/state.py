@@ -89,6 +89,7 @@ def estimate_state_bytes(name: str, specs: list[ParamSpec]) -> dict[str, int]:
     """Optimizer state the optimizer ``name`` (a key of ``OPTIMIZERS``) would hold for these parameters."""
     out = dict.fromkeys(STATE_KINDS, 0)
     if name.startswith("lowbit"):
+        from .. import placement
         from ..optimizer import AdamW8bit
 
         kw = dict(amsgrad=name.endswith("amsgrad"), bits=4 if name.startswith("lowbit_4bit") else 8)
@@ -97,7 +98,7 @@ def estimate_state_bytes(name: str, specs: list[ParamSpec]) -> dict[str, int]:
         opt = AdamW8bit([s.meta for s in specs], **kw)
         group = opt.param_groups[0]
         for p, s in zip(group["params"], specs):
-            opt._init_state(p, group)  # the optimizer's own decisions, on meta tensors
+            placement.init_state(opt, p, group)  # the optimizer's own decisions, on meta tensors
         out = optimizer_state_bytes(opt)
         out.pop("total")
     elif name not in OPTIMIZERS:

@@ -1,0 +1,170 @@
+"""What state a parameter gets and where it lives: 8-bit (or 4-bit) codes or full-precision moments,
+on the parameter's device or in host memory (``offload="cpu"``), and the re-encodings when that
+changes (``fp32_state`` forced later, a group's ``bits``/``block_size`` changed, a checkpoint saved on
+the other side). Functions of the optimizer (``opt``): it owns the state, these decide its form.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import layout, sharding
+from . import format as fmt
+from .step_spec import state_names
+
+QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+
+
+def full_state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of full-precision moments: float64 (complex128) for float64 (complex128) parameters,
+    else float32 (complex64 for complex64), whatever a 16-bit parameter's dtype."""
+    if p.dtype in (torch.float64, torch.complex128, torch.complex64):
+        return p.dtype
+    return torch.float32
+
+
+def force_fp32_state(opt, *items, model: nn.Module | None = None) -> None:
+    """Keep fp32 state for these parameters, modules, or module types (searched in ``model``).
+    Parameters that already have 8-bit state are converted (dequantized) in place."""
+    params: list[torch.Tensor] = []
+    for item in items:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            if model is None:
+                raise ValueError(f"fp32_state names the module type {item.__name__}: pass model= to search it")
+            params += [p for mod in model.modules() if isinstance(mod, item) for p in mod.parameters(recurse=False)]
+        elif isinstance(item, nn.Module):
+            params += list(item.parameters())
+        elif isinstance(item, torch.Tensor):
+            params.append(item)
+        else:
+            raise TypeError(f"fp32_state items must be parameters, modules or module types, got {type(item).__name__}")
+    for p in params:
+        opt._fp32_forced[p] = True
+        state = opt.state.get(p)
+        if state and "exp_avg_codes" in state:
+            dequantize_state(opt, p, state)
+
+
+def dequantize_state(opt, p, state) -> None:
+    bits, block = opt._layouts.get(p, (group_of(opt, p)["bits"], group_of(opt, p)["block_size"]))
+    loc = layout.real_view(sharding.local(p))
+    order = layout.element_order(sharding.local(p))
+    for name in fmt.QUANTIZED_MOMENTS:
+        if name + "_codes" in state:
+            codes, absmax = state.pop(name + "_codes"), state.pop(name + "_absmax")
+            flat = fmt.dequantize_blockwise(sharding.local(codes).reshape(-1), sharding.local(absmax).reshape(-1),
+                                            fmt.is_signed(name), block, bits, numel=loc.numel())
+            full = torch.empty_like(sharding.local(p), dtype=full_state_dtype(p), device=flat.device)
+            layout.real_view(full).copy_(layout.from_order(flat, loc.shape, order))
+            state[name] = sharding.like(p, full, p.shape)
+    opt._layouts.pop(p, None)
+
+
+def group_of(opt, p):
+    for g in opt.param_groups:
+        if any(q is p for q in g["params"]):
+            return g
+    raise KeyError("parameter is not in this optimizer")
+
+
+def wants_8bit(opt, p: torch.Tensor, group: dict, min_size: int | None = None) -> bool:
+    if p.dtype not in QUANTIZABLE_DTYPES or group["fp32_state"] or p in opt._fp32_forced:
+        return False
+    min_size = opt._min_size_override.get(p, group["min_8bit_size"]) if min_size is None else min_size
+    return layout.real_view(p).numel() >= min_size and sharding.can_quantize(p, group["block_size"])
+
+
+def say_small_fp32(opt) -> None:
+    """Once, at the first step: a large share of the parameters keeps fp32 state only because each of
+    its tensors is under ``min_8bit_size`` (LoRA adapters: r x width is often 2-4k elements)."""
+    if opt._small_said or not opt._small_fp32:
+        return
+    opt._small_said = True
+    total = sum(layout.real_view(sharding.local(p)).numel() for g in opt.param_groups for p in g["params"] if p in opt.state)
+    small = sum(n for n, _, _ in opt._small_fp32)
+    if len(opt._small_fp32) < 8 or small < 0.25 * total:  # a few biases and norms are what the default is for
+        return
+    saved = sum(n * 8 - n * fmt.state_bytes_per_element(bits, block) for n, bits, block in opt._small_fp32)
+    warnings.warn(f"AdamW8bit: {len(opt._small_fp32)} tensors ({100 * small / total:.0f}% of the parameters with state) keep "
+                  f"fp32 state (8 B/param) because each has fewer than min_8bit_size elements (as LoRA adapters do); "
+                  f"min_8bit_size=0 would save {saved / 2**20:.2f} MiB of optimizer state", UserWarning, stacklevel=4)
+
+
+def state_device(p: torch.Tensor, group: dict) -> torch.device:
+    """Where the state of ``p`` lives: host memory for an offloaded group, else beside the parameter."""
+    return torch.device("cpu") if group.get("offload") == "cpu" else sharding.local(p).device
+
+
+def place_state(p: torch.Tensor, group: dict, state: dict) -> None:
+    """State written on one side (a checkpoint, or the group's ``offload`` changed) moves to the other
+    as it is: the bytes are the same wherever they live."""
+    if sharding.is_dtensor(p):
+        return
+    dev = state_device(p, group)
+    for k, v in state.items():
+        if k != "step" and isinstance(v, torch.Tensor) and v.device != dev:
+            state[k] = v.to(dev)
+
+
+def init_state(opt, p: torch.Tensor, group: dict) -> dict:
+    state = opt.state[p]
+    dev = state_device(p, group)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    names = state_names(group["amsgrad"])
+    if wants_8bit(opt, p, group):
+        block, bits = group["block_size"], group["bits"]
+        numel = layout.real_view(sharding.local(p)).numel()
+        for name in names:
+            # The code of zero; at 4 bits both nibbles of a byte hold it.
+            zero = fmt.m_zero_code(bits) * (1 if bits == 8 else 17) if fmt.is_signed(name) else fmt.V_ZERO_CODE
+            if sharding.is_dtensor(p):  # rows travel with their codes and scales, so DCP can reshard it (see sharding.py)
+                loc = sharding.local(p)
+                rows = loc.shape[0] if loc.dim() else 0
+                codes_local = loc.shape if bits == 8 else (rows, sharding.row_length(p) // 2)
+                codes = torch.full(codes_local, zero, dtype=torch.uint8, device=loc.device)
+                absmax = torch.zeros(rows, sharding.row_length(p) // block, device=loc.device)
+                state[name + "_codes"] = sharding.like(p, codes, sharding.codes_shape(p, bits))
+                state[name + "_absmax"] = sharding.like(p, absmax, sharding.absmax_shape(p, block))
+            else:
+                state[name + "_codes"] = torch.full((fmt.codes_numel(numel, bits),), zero, dtype=torch.uint8, device=dev)
+                state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=dev)
+        opt._layouts[p] = (bits, block)
+    else:
+        if wants_8bit(opt, p, group, min_size=0):
+            opt._small_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"]))
+        for name in names:
+            state[name] = torch.zeros_like(p, dtype=full_state_dtype(p), memory_format=torch.preserve_format,
+                                           device=dev)
+    return state
+
+
+def ema_state(p: torch.Tensor, device=None) -> torch.Tensor:
+    # fp32 (16-bit weights would stall a slow average); float64/complex weights keep their own dtype
+    ema = torch.empty_like(p, dtype=full_state_dtype(p), device=device or p.device)
+    return ema.copy_(p.detach())
+
+
+def convert_if_relaid(opt, p, group, state, label) -> None:
+    """A group whose ``bits`` or ``block_size`` changed after its state was written: re-encode the
+    state for the new layout (dequantize with the old, quantize with the new) instead of reading old
+    codes with the new layout."""
+    if "exp_avg_codes" not in state:
+        return
+    old = opt._layouts.get(p)
+    new = (group["bits"], group["block_size"])
+    if old is None or old == new:
+        return
+    if sharding.is_dtensor(p):
+        raise ValueError(f"{label}: the group's bits/block_size changed from {old} to {new} after training started; "
+                         "a sharded state cannot be re-encoded in place. Restore the group's settings")
+    warnings.warn(f"AdamW8bit: {label}: the group's (bits, block_size) changed from {old} to {new}; its state is "
+                  "re-encoded (one extra rounding)", UserWarning, stacklevel=5)
+    numel = layout.real_view(p).numel()
+    for name in fmt.QUANTIZED_MOMENTS:
+        if name + "_codes" in state:
+            flat = fmt.dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"], fmt.is_signed(name), old[1],
+                                            old[0], numel=numel)
+            state[name + "_codes"], state[name + "_absmax"] = fmt.quantize_blockwise(flat, fmt.is_signed(name), new[1], new[0])
+    opt._layouts[p] = new
