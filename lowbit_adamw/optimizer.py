@@ -233,6 +233,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._in_backward = InBackward(self._step_in_backward_params, getattr(self, "_bucket_bytes", 64 << 20),
                                        self._finish_update) if self.step_in_backward else None
         self._warned_no_triton = False
+        self._label_cache: dict = {}  # id(group) -> (its params list, length, names, labels): see _labels_of
         self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload_step)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
@@ -298,6 +299,16 @@ class AdamW8bit(torch.optim.Optimizer):
         if self.step_in_backward:
             for p in group["params"]:
                 self._in_backward.attach(p)
+
+    def _labels_of(self, group: dict) -> list[str]:
+        """Every parameter's label in ``group``, built once (the step needs them for each parameter,
+        every step) and again only when the group's parameter list or names change."""
+        params, names = group["params"], group.get("param_names")
+        hit = self._label_cache.get(id(group))
+        if hit is None or hit[0] is not params or hit[1] != len(params) or hit[2] is not names:
+            hit = (params, len(params), names, [self._label(group, i, p) for i, p in enumerate(params)])
+            self._label_cache[id(group)] = hit
+        return hit[3]
 
     def force_fp32_state(self, *items, model: nn.Module | None = None) -> None:
         """Keep fp32 state for these parameters, modules, or module types (searched in ``model``).
@@ -392,11 +403,12 @@ class AdamW8bit(torch.optim.Optimizer):
         this name eagerly, with the real tensors, instead of tracing it.)"""
         base_id = sum(len(g["params"]) for g in self.param_groups[: self._group_index(group)])
         first: dict = {}  # a tensor listed twice keeps the position of its first listing (its random streams)
+        group_labels = self._labels_of(group)
         for i, p in enumerate(group["params"]):
             first.setdefault(p, i)
             if p.grad is None or (only is not None and p not in only):
                 continue
-            label = self._label(group, i, p)
+            label = group_labels[i]
             state = self.state[p]
             if not state:
                 state = placement.init_state(self, p, group)
@@ -419,7 +431,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 self._resolved_backends[(self.backend, str(dev))] = self._resolve_backend(dev)
             gi = self._group_index(group)
             self._cache_id(gi, dev, sharding.local(p).dtype)
-            self._reporter.prepare((gi, str(dev)), dev, lambda: [self._label(group, j, q) for j, q in enumerate(group["params"])])
+            self._reporter.prepare((gi, str(dev)), dev, lambda: group_labels)
         if group is self.param_groups[-1]:
             placement.say_small_fp32(self)
 

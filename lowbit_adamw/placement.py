@@ -103,6 +103,10 @@ def place_state(p: torch.Tensor, group: dict, state: dict) -> None:
     if sharding.is_dtensor(p):
         return
     dev = state_device(p, group)
+    # Every tensor of a state moves together: the first one tells (this runs for every parameter each step).
+    first = next((v for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)), None)
+    if first is None or first.device == dev:
+        return
     for k, v in state.items():
         if k != "step" and isinstance(v, torch.Tensor) and v.device != dev:
             state[k] = v.to(dev)
