@@ -85,9 +85,14 @@ class CudaTransport:
         # torch's pinned allocator rounds every block up to a power of two; registering an ordinary
         # allocation pins exactly what is asked (a 1.05 GB embedding would otherwise take 2 GiB).
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        cudart = torch.cuda.cudart()
-        if nbytes and int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
-            weakref.finalize(buf.untyped_storage(), cudart.cudaHostUnregister, buf.data_ptr())
+        try:
+            cudart = torch.cuda.cudart()
+            registered = nbytes > 0 and int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0
+        except (AttributeError, RuntimeError, TypeError):
+            registered = False
+        if registered and buf.is_pinned():  # non_blocking copies from it are asynchronous
+            # Unregistered when the buffer goes: the arena and the staging pool hold it as long as any view is used.
+            weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
             return buf
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
@@ -103,7 +108,7 @@ class CudaTransport:
         return event
 
     def to_device(self, dsts, srcs, after=None):
-        with torch.cuda.stream(self.up):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.up):  # the worker thread's device is its own
             if after is not None:
                 self.up.wait_event(after)
             for d, s in zip(dsts, srcs):

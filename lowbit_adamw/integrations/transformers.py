@@ -126,17 +126,19 @@ def embedding_params(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def optimizer_cls_and_kwargs(args, model: nn.Module | None = None, *, embedding_fp32: bool = True, **overrides):
+def optimizer_cls_and_kwargs(args, model: nn.Module | None = None, *, embedding_fp32: bool = True, defaults=None, **overrides):
     """``(AdamW8bit, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` from ``TrainingArguments``.
 
     ``model`` is needed for the embedding policy; without it every large tensor gets 8-bit state.
-    ``overrides`` win over both ``args`` and ``args.optim_args``.
+    ``defaults`` (a route's own settings) yield to ``args.optim_args``; ``overrides`` win over both
+    ``args`` and ``args.optim_args``.
     """
     kwargs: dict[str, Any] = {
         "lr": args.learning_rate,
         "betas": (args.adam_beta1, args.adam_beta2),
         "eps": args.adam_epsilon,
         "weight_decay": args.weight_decay,
+        **(defaults or {}),
     }
     kwargs.update(parse_optim_args(getattr(args, "optim_args", None)))
     if model is not None and embedding_fp32:
@@ -209,11 +211,11 @@ def install(optim_names=(), *, embedding_fp32: bool = True, **overrides) -> None
         name = str(getattr(args.optim, "value", args.optim))
         if name in names:
             settings, differs = ROUTES[name]
-            given = parse_optim_args(getattr(args, "optim_args", None))  # the user's optim_args win over the route's
-            settings = {k: v for k, v in settings.items() if k not in given}
+            cls, kwargs = optimizer_cls_and_kwargs(args, model, embedding_fp32=embedding_fp32, defaults=settings, **overrides)
+            kept = {k: v for k, v in settings.items() if kwargs.get(k) == v}  # the user's optim_args win over the route's
             _say_once(name, f"lowbit-adamw: optim={name!r} runs lowbit_adamw.AdamW8bit"
-                            f"{''.join(f' {k}={v}' for k, v in settings.items())} in place of {differs}")
-            return optimizer_cls_and_kwargs(args, model, embedding_fp32=embedding_fp32, **{**settings, **overrides})
+                            f"{''.join(f' {k}={v}' for k, v in kept.items())} in place of {differs}")
+            return cls, kwargs
         if left_to_owner(name):
             _say_once(name, f"lowbit-adamw: optim={name!r} is left to its owner ({left_to_owner(name)})")
         return original.__func__(args, model)
