@@ -186,3 +186,27 @@ def test_arena_slices_are_aligned_and_keep_the_layout():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         b.copy_(torch.randn(2, 3, 4, 7))
+
+
+def test_the_memory_monitor_reports_offloaded_state_as_host_memory():
+    from lowbit_adamw.memory import MemoryMonitor, optimizer_state_bytes
+
+    rows = {}
+    for offload in (False, True):
+        model, opt = train(offload, steps=2)
+        mon = MemoryMonitor(opt, model=model)
+        mon.record()
+        rows[offload] = (mon.report().rows[0], mon.history[-1], opt)
+    on_device, device_rec, device_opt = rows[False]
+    offloaded, host_rec, host_opt = rows[True]
+    state = optimizer_state_bytes(host_opt)["total"]
+    assert state > 0 and state == optimizer_state_bytes(device_opt)["total"]
+    assert on_device.state == state and on_device.offloaded == 0 and device_rec["host_bytes"] == 0
+    pinned = host_opt.offload_host_bytes()
+    assert pinned > 0
+    assert offloaded.state == 0  # every group is offloaded: nothing of it is device state
+    assert offloaded.offloaded == state + pinned == host_rec["host_bytes"]
+    assert optimizer_state_bytes(host_opt, "host")["total"] == state
+    assert optimizer_state_bytes(host_opt, "device")["total"] == 0
+    with pytest.raises(ValueError, match="where must be"):
+        optimizer_state_bytes(host_opt, "gpu")

@@ -14,7 +14,8 @@
 * ``MemoryReport``: ``.table()``, ``.to_json()``, ``.plot(path)`` (matplotlib PNG).
 
 State that lives off the device (paged or CPU-offloaded) is not seen by torch.cuda's counters;
-the report has an ``offloaded`` column for it. Nothing in lowbit-adamw offloads today, so it is 0.
+the report has an ``offloaded`` column for it: ``MemoryMonitor`` puts there the state of
+``AdamW8bit(offload="cpu")`` groups and the pinned buffers of their pipeline.
 """
 import importlib
 

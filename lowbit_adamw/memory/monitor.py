@@ -13,7 +13,9 @@ class MemoryMonitor:
     """Per-step memory of a training loop. ``MemoryMonitor(optimizer)`` hooks ``optimizer.step``;
     each step records the optimizer state bytes and the peak memory since the previous step (CUDA:
     ``max_memory_allocated``, reset after each step; CPU: weights + grads + state held, since the
-    CPU allocator keeps no peak). ``report()`` returns a ``MemoryReport``; ``write(prefix)`` saves
+    CPU allocator keeps no peak). State an optimizer keeps in host memory (``offload="cpu"``), with
+    the pinned buffers of its pipeline, is recorded as ``host_bytes`` and reported in the ``offloaded``
+    column, not as device state. ``report()`` returns a ``MemoryReport``; ``write(prefix)`` saves
     ``prefix.json`` and ``prefix.png``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer | None = None, model: nn.Module | None = None, name: str = "run"):
@@ -46,9 +48,14 @@ class MemoryMonitor:
         held += sum(_tensor_bytes(p.grad) for p in params.values() if p.grad is not None)
         return held + state_bytes
 
+    def _host_bytes(self) -> int:
+        """Offloaded state plus the offload pipeline's pinned weight copies and staging buffers."""
+        pinned = getattr(self.optimizer, "offload_host_bytes", None)
+        return optimizer_state_bytes(self.optimizer, "host")["total"] + (pinned() if pinned else 0)
+
     def record(self) -> dict:
         state = optimizer_state_bytes(self.optimizer)
-        rec = dict(step=len(self.history) + 1, state_bytes=state["total"])
+        rec = dict(step=len(self.history) + 1, state_bytes=state["total"], host_bytes=self._host_bytes())
         devs = {p.device.type for g in self.optimizer.param_groups for p in g["params"]}
         if "cuda" in devs:
             rec["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -64,12 +71,12 @@ class MemoryMonitor:
         params = {id(p): p for g in opt.param_groups for p in g["params"]}
         if self.model is not None:
             params.update({id(p): p for p in self.model.parameters()})
-        s = optimizer_state_bytes(opt)
+        s = optimizer_state_bytes(opt, "device")
         trainable = [p for g in opt.param_groups for p in g["params"]]
         row = MemoryRow(self.name, type(opt).__name__, weights=sum(_tensor_bytes(p) for p in params.values()),
                         grads=sum(_tensor_bytes(p) for p in trainable if p.requires_grad), state_codes=s["codes"],
                         state_scales=s["scales"], state_full=s["full"], state_other=s["other"], state_ema=s["ema"],
-                        history=list(self.history))
+                        offloaded=self._host_bytes(), history=list(self.history))
         if self.history and "allocated_bytes" in self.history[-1]:
             row.phase_peaks = {"max_step_peak": max(h["peak_bytes"] for h in self.history)}
         dev = next(iter(params.values())).device.type if params else "cpu"

@@ -37,14 +37,34 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def _held_on_host(optimizer: torch.optim.Optimizer) -> set[int]:
+    """ids of the parameters whose state the optimizer keeps in host memory, away from their device:
+    AdamW8bit's ``offload="cpu"`` groups (on a CPU-only machine too, where the CPU stands in for the
+    device), and any parameter on an accelerator whose state tensors are CPU tensors."""
+    held = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            on_cpu = [t.device.type == "cpu" for t in state.values() if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+            if group.get("offload") or (p.device.type not in ("cpu", "meta") and on_cpu and all(on_cpu)):
+                held.add(id(p))
+    return held
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, where: str = "all") -> dict[str, int]:
     """Bytes of every tensor an optimizer holds in its state, by kind: ``codes`` (8-bit), ``scales``
     (block scales), ``full`` (unquantized moments: fp32, or the parameter dtype for torch AdamW on
     16-bit weights), ``other`` (step counters, code tables) and ``total``. A tensor shared by several
-    parameters (bitsandbytes' code tables) counts once; a DTensor counts its local shard (this rank)."""
+    parameters (bitsandbytes' code tables) counts once; a DTensor counts its local shard (this rank).
+    ``where``: ``"all"``, ``"device"`` (beside the parameters) or ``"host"`` (offloaded to host memory)."""
+    if where not in ("all", "device", "host"):
+        raise ValueError(f"where must be 'all', 'device' or 'host', got {where!r}")
+    host = _held_on_host(optimizer) if where != "all" else set()
     out = dict.fromkeys(STATE_KINDS, 0)
     seen = set()
-    for state in optimizer.state.values():
+    for param, state in optimizer.state.items():
+        if where != "all" and (id(param) in host) != (where == "host"):
+            continue
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue
