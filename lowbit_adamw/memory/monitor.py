@@ -48,21 +48,22 @@ class MemoryMonitor:
         held += sum(_tensor_bytes(p.grad) for p in params.values() if p.grad is not None)
         return held + state_bytes
 
-    def _host_bytes(self) -> int:
+    def _host_bytes(self, host_state: int) -> int:
         """Offloaded state plus the offload pipeline's pinned weight copies and staging buffers."""
         pinned = getattr(self.optimizer, "offload_host_bytes", None)
-        return optimizer_state_bytes(self.optimizer, "host")["total"] + (pinned() if pinned else 0)
+        return host_state + (pinned() if pinned else 0)
 
     def record(self) -> dict:
-        state = optimizer_state_bytes(self.optimizer)
-        rec = dict(step=len(self.history) + 1, state_bytes=state["total"], host_bytes=self._host_bytes())
+        # one walk over the state, in its two parts
+        on_device, on_host = (optimizer_state_bytes(self.optimizer, where)["total"] for where in ("device", "host"))
+        rec = dict(step=len(self.history) + 1, state_bytes=on_device + on_host, host_bytes=self._host_bytes(on_host))
         devs = {p.device.type for g in self.optimizer.param_groups for p in g["params"]}
         if "cuda" in devs:
             rec["peak_bytes"] = torch.cuda.max_memory_allocated()
             rec["allocated_bytes"] = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            rec["peak_bytes"] = self._held(state["total"])
+            rec["peak_bytes"] = self._held(rec["state_bytes"])
         self.history.append(rec)
         return rec
 
@@ -76,7 +77,7 @@ class MemoryMonitor:
         row = MemoryRow(self.name, type(opt).__name__, weights=sum(_tensor_bytes(p) for p in params.values()),
                         grads=sum(_tensor_bytes(p) for p in trainable if p.requires_grad), state_codes=s["codes"],
                         state_scales=s["scales"], state_full=s["full"], state_other=s["other"], state_ema=s["ema"],
-                        offloaded=self._host_bytes(), history=list(self.history))
+                        offloaded=self._host_bytes(optimizer_state_bytes(opt, "host")["total"]), history=list(self.history))
         if self.history and "allocated_bytes" in self.history[-1]:
             row.phase_peaks = {"max_step_peak": max(h["peak_bytes"] for h in self.history)}
         dev = next(iter(params.values())).device.type if params else "cpu"

@@ -37,18 +37,11 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _held_on_host(optimizer: torch.optim.Optimizer) -> set[int]:
+def _offloaded(optimizer: torch.optim.Optimizer) -> set[int]:
     """ids of the parameters whose state the optimizer keeps in host memory, away from their device:
-    AdamW8bit's ``offload="cpu"`` groups (on a CPU-only machine too, where the CPU stands in for the
-    device), and any parameter on an accelerator whose state tensors are CPU tensors."""
-    held = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            on_cpu = [t.device.type == "cpu" for t in state.values() if isinstance(t, torch.Tensor) and t.device.type != "meta"]
-            if group.get("offload") or (p.device.type not in ("cpu", "meta") and on_cpu and all(on_cpu)):
-                held.add(id(p))
-    return held
+    AdamW8bit's ``offload="cpu"`` groups (lowbit_adamw.placement.state_device), on a CPU-only machine
+    too, where the CPU stands in for the device."""
+    return {id(p) for group in optimizer.param_groups if group.get("offload") == "cpu" for p in group["params"]}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, where: str = "all") -> dict[str, int]:
@@ -59,7 +52,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, where: str = "all") 
     ``where``: ``"all"``, ``"device"`` (beside the parameters) or ``"host"`` (offloaded to host memory)."""
     if where not in ("all", "device", "host"):
         raise ValueError(f"where must be 'all', 'device' or 'host', got {where!r}")
-    host = _held_on_host(optimizer) if where != "all" else set()
+    host = _offloaded(optimizer) if where != "all" else set()
     out = dict.fromkeys(STATE_KINDS, 0)
     seen = set()
     for param, state in optimizer.state.items():
