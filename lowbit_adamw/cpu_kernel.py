@@ -21,6 +21,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import warnings
@@ -44,6 +45,13 @@ class _TensorArgs(ctypes.Structure):  # struct Tensor in cpu_step.cpp
                 ("inv_bc2_sqrt", ctypes.c_float), ("grad_mul", ctypes.c_float), ("ema_mom", ctypes.c_float),
                 ("one_minus_ema_mom", ctypes.c_float), ("sr_key", ctypes.c_uint32), ("v_key", ctypes.c_uint32),
                 ("v_offset", ctypes.c_uint32), ("v_dither", ctypes.c_uint32), ("index_base", ctypes.c_int64)]
+
+
+# struct Tensor as bytes, field for field from _TensorArgs with native sizes and alignment: a bucket's
+# arguments are packed with one call per tensor instead of a ctypes attribute write per field. (Native
+# mode rounds a float64 beyond fp32's range to infinity, as a C cast does, where standard mode raises.)
+_STRUCT_CODES = {ctypes.c_void_p: "P", ctypes.c_int64: "q", ctypes.c_float: "f", ctypes.c_uint32: "I"}
+_TENSOR_LAYOUT = struct.Struct("@" + "".join(_STRUCT_CODES[t] for _, t in _TensorArgs._fields_))
 
 
 def _isa_flags() -> list[str]:
@@ -119,7 +127,7 @@ def load():
                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_int]
-        if lib.lowbit_tensor_struct_size() != ctypes.sizeof(_TensorArgs):
+        if not lib.lowbit_tensor_struct_size() == ctypes.sizeof(_TensorArgs) == _TENSOR_LAYOUT.size:
             raise RuntimeError("struct layout mismatch between cpu_step.cpp and cpu_kernel.py")
     except Exception as e:  # no compiler, a failed build, an unloadable library: the compiled path takes over
         detail = e.stderr[-500:] if isinstance(e, subprocess.CalledProcessError) else f"{type(e).__name__}: {e}"
@@ -135,7 +143,7 @@ def available() -> bool:
 
 
 def supports(param: torch.Tensor, sc: StepScalars) -> bool:
-    return param.device.type == "cpu" and param.dtype in SUPPORTED_DTYPES and param.is_contiguous()
+    return param.is_cpu and param.dtype in SUPPORTED_DTYPES and param.is_contiguous()
 
 
 def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: int, grad_muls=None,
@@ -145,38 +153,43 @@ def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: i
     lib = load()
     n = len(params)
     keep = []  # contiguous copies of strided gradients, alive through the call
-    args = (_TensorArgs * n)()
+    packed = []  # each tensor's struct Tensor
     starts = [0]
+    corrections: dict = {}  # per step count: the tensors of a bucket are mostly at the same step
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        step_size, inv_bc2_sqrt = sc.corrections(float(s["step"]))
+        step = float(s["step"])
+        if step not in corrections:
+            corrections[step] = sc.corrections(step)
+        step_size, inv_bc2_sqrt = corrections[step]
         mom = None if ema_moms is None else ema_moms[i]
         if not g.is_contiguous():
             g = g.contiguous()
             keep.append(g)
-        a = args[i]
-        a.p, a.g = p.data_ptr(), g.data_ptr()
-        a.mc, a.ma = s["exp_avg_codes"].data_ptr(), s["exp_avg_absmax"].data_ptr()
-        a.vc, a.va = s["exp_avg_sq_codes"].data_ptr(), s["exp_avg_sq_absmax"].data_ptr()
+        xc = xa = ema = 0
         if sc.amsgrad:
-            a.xc, a.xa = s["max_exp_avg_sq_codes"].data_ptr(), s["max_exp_avg_sq_absmax"].data_ptr()
+            xc, xa = s["max_exp_avg_sq_codes"].data_ptr(), s["max_exp_avg_sq_absmax"].data_ptr()
         if mom is not None:
-            a.ema, a.ema_mom, a.one_minus_ema_mom = s["ema"].data_ptr(), mom, 1.0 - mom
-        a.numel = p.numel()
-        a.step_size, a.inv_bc2_sqrt = step_size, inv_bc2_sqrt
-        a.grad_mul = 1.0 if grad_muls is None else grad_muls[i]
-        a.sr_key = 0 if sr_keys is None or sr_keys[i] is None else sr_keys[i]
-        if v_dithers is not None and v_dithers[i] is not None:  # else u = 1/2 (nearest in the value domain), as eager
-            a.v_key, a.v_offset = v_dithers[i]
-            a.v_dither = 1
-        a.index_base = 0 if index_bases is None else index_bases[i]
-        starts.append(starts[-1] + fmt.num_blocks(p.numel(), block_size))
+            ema = s["ema"].data_ptr()
+        v_key = v_offset = v_dither = 0  # no dither: u = 1/2 (nearest in the value domain), as eager
+        if v_dithers is not None and v_dithers[i] is not None:
+            (v_key, v_offset), v_dither = v_dithers[i], 1
+        numel = p.numel()
+        packed.append(_TENSOR_LAYOUT.pack(
+            p.data_ptr(), g.data_ptr(), s["exp_avg_codes"].data_ptr(), s["exp_avg_absmax"].data_ptr(),
+            s["exp_avg_sq_codes"].data_ptr(), s["exp_avg_sq_absmax"].data_ptr(), xc, xa, ema, numel,
+            step_size, inv_bc2_sqrt, 1.0 if grad_muls is None else grad_muls[i],
+            0.0 if mom is None else mom, 0.0 if mom is None else 1.0 - mom,
+            0 if sr_keys is None or sr_keys[i] is None else sr_keys[i], v_key, v_offset, v_dither,
+            0 if index_bases is None else index_bases[i]))
+        starts.append(starts[-1] + fmt.num_blocks(numel, block_size))
+    args = ctypes.create_string_buffer(b"".join(packed), n * _TENSOR_LAYOUT.size)
     block_start = torch.tensor(starts, dtype=torch.int64)
     clip = sc.clip_value != float("inf")
     scalars = torch.tensor([*sc.constants(), sc.clip_value if clip else 0.0], dtype=torch.float32)
     counts = torch.zeros(n, dtype=torch.int32)
     levels = _M4_TABLE.data_ptr()
     bf16 = params[0].dtype == torch.bfloat16
-    rc = lib.lowbit_cpu_step(ctypes.addressof(args), n, block_start.data_ptr(), block_size, bits,
+    rc = lib.lowbit_cpu_step(args, n, block_start.data_ptr(), block_size, bits,
                              int(bf16), scalars.data_ptr(), levels,
                              levels + 4 * len(fmt.M4_LEVELS), int(sc.amsgrad), int(sc.maximize), int(clip), int(ema_moms is not None),
                              int(sc.skip_nonfinite), int(bf16 and sc.stochastic_rounding), counts.data_ptr(), torch.get_num_threads())

@@ -416,7 +416,10 @@ def adamw8bit_step(
                                              grad_muls=sel(muls), ema_moms=sel(ema_moms), sr_keys=sel(keys),
                                              v_dithers=sel(v_dithers), index_bases=sel(index_bases))
                 if bad_blocks is not None and scalars.skip_nonfinite:
-                    bad_blocks[fast] += counts.to(bad_blocks.dtype)
+                    if len(fast) == len(params):
+                        bad_blocks += counts.to(bad_blocks.dtype)
+                    else:
+                        bad_blocks[fast] += counts.to(bad_blocks.dtype)
             # other dtypes, no library: the compiled step
             rest = sorted(set(rest) - set(fast))
         moms = [None] * len(params) if ema_moms is None else ema_moms

@@ -8,6 +8,10 @@ incrementing the step counters, bias corrections, stochastic-rounding keys, flat
 tensors in the order their blocks run (``lowbit_adamw.layout``), the backend call, and copies back
 for parameters with gaps.
 
+The optimizer calls it through ``call_step_``, which in plain eager code runs the op's body without
+the dispatcher (same code, same bits, the same version-counter bumps and profiler name): the
+dispatcher's Python layers cost about as much per tensor as a small tensor's whole step.
+
 The op defers ``KeyboardInterrupt`` (SIGINT, main thread) until its writes are done: an interrupted
 training loop leaves every tensor of a bucket either wholly before or wholly after the step, never
 with weights written and codes not.
@@ -39,6 +43,7 @@ import threading
 from typing import Optional
 
 import torch
+from torch.utils import _python_dispatch
 
 from . import layout
 from . import rng
@@ -104,6 +109,17 @@ def state_per_param(kind: str, amsgrad: bool, ema: bool) -> tuple[str, ...]:
 def _flat_views(p, g, state: dict, element_state: tuple[str, ...]):
     """(flat p, flat g, flat state dict, write-back or None) in the order the blocks run."""
     p, g = layout.real_view(p), layout.real_view(g)
+    if p.is_contiguous() and g.is_contiguous() and p.shape == g.shape:  # the common case, checked cheaply
+        flat = {}
+        for k, v in state.items():
+            if k not in element_state:  # codes, scales (flat already) and the step count (0-d, read as a number)
+                flat[k] = v if v.dim() <= 1 else v.view(-1)
+            elif v.is_contiguous() and v.shape == p.shape:
+                flat[k] = v.view(-1)
+            else:
+                break
+        else:
+            return p if p.dim() == 1 else p.view(-1), g if g.dim() == 1 else g.view(-1), flat, None
     if layout.is_dense(p):
         fp = layout.memory_order_view(p)
         fg = layout.memory_order_view(g) if layout.is_dense(g) and layout.same_layout(p, g) else \
@@ -123,8 +139,7 @@ def _flat_views(p, g, state: dict, element_state: tuple[str, ...]):
     return copy.view(-1), g.reshape(-1), flat, (p, copy)
 
 
-@torch.library.custom_op("lowbit_adamw::step_", mutates_args=("params", "state", "steps"))
-def step_(
+def _step_body(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     state: list[torch.Tensor],
@@ -184,9 +199,13 @@ def step_(
             backs.append(back)
     with interrupts_deferred():
         if kind == KIND_QUANTIZED:
-            for s in steps:
-                s += 1
-            step_counts = [int(s.item()) for s in steps]
+            try:  # one call each, not one in-place add and one read per tensor (stack refuses mixed devices or shapes)
+                step_counts = [int(s) for s in (torch.stack(steps) + 1).tolist()]
+                torch._foreach_add_(steps, 1)
+            except RuntimeError:
+                for s in steps:
+                    s += 1
+                step_counts = [int(s.item()) for s in steps]
             keys = None
             if stochastic_rounding:
                 keys = [rng.tensor_key(seed, rng.STREAM_WEIGHTS, t, s) for t, s in zip(tensor_ids, step_counts)]
@@ -205,6 +224,31 @@ def step_(
         for p, copy in backs:
             layout.real_view(p).copy_(copy)
     return counts
+
+
+step_ = torch.library.custom_op("lowbit_adamw::step_", mutates_args=("params", "state", "steps"))(_step_body)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def call_step_(params: list[torch.Tensor], grads: list[torch.Tensor], state: list[torch.Tensor], steps: list[torch.Tensor],
+               *rest) -> torch.Tensor:
+    """``step_(params, grads, state, steps, *rest)`` as the optimizer calls it. In plain eager code (not
+    compiling, no torch function or dispatch mode active, plain tensors) the op's body runs directly and
+    the versions of the tensors it mutates are bumped, as the op's ADInplaceOrView kernel does: the
+    dispatcher's Python layers (autograd, version bump, backend wrapper) convert the whole argument list
+    at each layer, about 7 us per tensor of the bucket, as long as a small tensor's whole step. The same
+    code runs either way, so the bits are the same."""
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or _python_dispatch._get_current_dispatch_mode() is not None
+            or not all(type(t) in _PLAIN_TENSORS for t in itertools.chain(params, grads))):
+        return step_(params, grads, state, steps, *rest)
+    for mutated in (params, state, steps):
+        torch.autograd.graph.increment_version(mutated)
+    with torch.no_grad():  # as the op's autograd layer runs it (an offload worker thread has grad mode on)
+        if torch._C._autograd._profiler_enabled():  # the op's name in a profile, as the dispatcher records it
+            with torch.profiler.record_function("lowbit_adamw::step_"):
+                return _step_body(params, grads, state, steps, *rest)
+        return _step_body(params, grads, state, steps, *rest)
 
 
 @step_.register_fake

@@ -233,6 +233,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._in_backward = InBackward(self._step_in_backward_params, getattr(self, "_bucket_bytes", 64 << 20),
                                        self._finish_update) if self.step_in_backward else None
         self._warned_no_triton = False
+        self._has_dtensors = True  # any DTensor parameter (set at each step; state lists unwrap them only then)
         self._label_cache: dict = {}  # id(group) -> (its params list, length, names, labels): see _labels_of
         self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload_step)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
@@ -401,9 +402,11 @@ class AdamW8bit(torch.optim.Optimizer):
         """Phase one for a group: new state, EMA buffers, re-encoding of state whose width or block size
         the group changed; collects the parameters that have gradients. (torch.compile runs a method of
         this name eagerly, with the real tensors, instead of tracing it.)"""
-        base_id = sum(len(g["params"]) for g in self.param_groups[: self._group_index(group)])
+        gi = self._group_index(group)
+        base_id = sum(len(g["params"]) for g in self.param_groups[:gi])
         first: dict = {}  # a tensor listed twice keeps the position of its first listing (its random streams)
         group_labels = self._labels_of(group)
+        prepared = set()  # (device, dtype) pairs whose backend, plan cache and counts are set up for this group
         for i, p in enumerate(group["params"]):
             first.setdefault(p, i)
             if p.grad is None or (only is not None and p not in only):
@@ -426,11 +429,14 @@ class AdamW8bit(torch.optim.Optimizer):
             grads.append(p.grad)
             labels.append(label)
             tensor_ids.append(base_id + first[p])
-            dev = sharding.local(p).device
+            local = sharding.local(p)
+            if (local.device, local.dtype) in prepared:
+                continue
+            prepared.add((local.device, local.dtype))
+            dev = local.device
             if (self.backend, str(dev)) not in self._resolved_backends:
                 self._resolved_backends[(self.backend, str(dev))] = self._resolve_backend(dev)
-            gi = self._group_index(group)
-            self._cache_id(gi, dev, sharding.local(p).dtype)
+            self._cache_id(gi, dev, local.dtype)
             self._reporter.prepare((gi, str(dev)), dev, lambda: group_labels)
         if group is self.param_groups[-1]:
             placement.say_small_fp32(self)
@@ -441,8 +447,12 @@ class AdamW8bit(torch.optim.Optimizer):
                 return i
         raise KeyError("param group is not in this optimizer")
 
-    def _state_list(self, state: dict, kind: str, amsgrad: bool) -> list[torch.Tensor]:
-        return [sharding.local(state[k]) for k in ops.state_per_param(kind, amsgrad, self.ema_decay is not None)]
+    def _state_list(self, states: list[dict], kind: str, amsgrad: bool) -> list[torch.Tensor]:
+        """The state tensors of ``states``, parameter by parameter in ``ops.state_per_param`` order."""
+        names = ops.state_per_param(kind, amsgrad, self.ema_decay is not None)
+        if not self._has_dtensors:
+            return [s[k] for s in states for k in names]
+        return [sharding.local(s[k]) for s in states for k in names]
 
     def _cache_id(self, index: int, device, dtype) -> int:
         key = (index, str(device), str(dtype))
@@ -508,11 +518,15 @@ class AdamW8bit(torch.optim.Optimizer):
         """Both phases over the parameters with gradients (``only``: a set of them, for the step in backward)."""
         # Phase one: nothing is written until everything is computed and checked.
         scalars = [self._group_scalars(i, g) for i, g in enumerate(self.param_groups)]
+        self._has_dtensors = any(sharding.is_dtensor(p) for g in self.param_groups for p in g["params"])
         collected = []
         for group in self.param_groups:
+            # Eagerly the group's labels are built once; a traced step builds them while tracing (the cache
+            # is a dict keyed by id(group), which dynamo would guard on).
+            group_labels = None if torch.compiler.is_compiling() else self._labels_of(group)
             for i, p in enumerate(group["params"]):
                 if p.grad is not None and (only is None or p in only):
-                    validation.check_grad(p, self._label(group, i, p))
+                    validation.check_grad(p, group_labels[i] if group_labels is not None else self._label(group, i, p))
         if self.nonfinite == "raise":
             probe = [([p for p in g["params"] if p.grad is not None and (only is None or p in only)],
                       [self._label(g, i, p) for i, p in enumerate(g["params"]) if p.grad is not None and (only is None or p in only)])
@@ -532,7 +546,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 kind = ops.KIND_QUANTIZED if "exp_avg_codes" in self.state[p] else ops.KIND_FULL
                 rnd = seen.get(p, 0)  # the same tensor twice: a second, later round (torch steps it twice)
                 seen[p] = rnd + 1
-                key = (kind, str(p.device), str(p.dtype), rnd)
+                key = (kind, p.device, p.dtype, rnd)
                 buckets.setdefault(key, []).append(len(entries))
                 entries.append((gi, p, g, label, tid, kind, tid - bases[gi]))  # the last: its position in the group
             for key in sorted(buckets, key=lambda k: k[3]):
@@ -549,17 +563,20 @@ class AdamW8bit(torch.optim.Optimizer):
         for gi, (kind, _dev, _dtype, _rnd), idx in work:
             group, sc = self.param_groups[gi], scalars[gi]
             ps = [entries[i][1] for i in idx]
-            local_ps = [sharding.local(p) for p in ps]
+            local_ps = [sharding.local(p) for p in ps] if self._has_dtensors else ps
             nonempty = [j for j, lp in enumerate(local_ps) if lp.numel() > 0 and lp.device.type != "meta"]
-            for j, lp in enumerate(local_ps):
-                # An empty shard: nothing to update, but keep step counts equal on all ranks. Meta tensors
-                # hold no values: only the count moves (the op's meta kernel is its shape function).
-                if lp.numel() == 0 or lp.device.type == "meta":
-                    self.state[ps[j]]["step"] += 1
-            if not nonempty:
-                continue
-            sel = [idx[j] for j in nonempty]
-            ps = [ps[j] for j in nonempty]
+            if len(nonempty) < len(ps):
+                for j, lp in enumerate(local_ps):
+                    # An empty shard: nothing to update, but keep step counts equal on all ranks. Meta tensors
+                    # hold no values: only the count moves (the op's meta kernel is its shape function).
+                    if lp.numel() == 0 or lp.device.type == "meta":
+                        self.state[ps[j]]["step"] += 1
+                if not nonempty:
+                    continue
+                sel = [idx[j] for j in nonempty]
+                ps = [ps[j] for j in nonempty]
+            else:
+                sel = idx
             if group.get("offload") == "cpu":
                 if _rnd:  # the same tensor listed twice: its first round must land on the host copy first
                     self._offload.drain()
@@ -581,9 +598,9 @@ class AdamW8bit(torch.optim.Optimizer):
         quantized = kind == ops.KIND_QUANTIZED
         states = [self.state[p] for p in ps]
         host_mul = base_mul / float(group["loss_scale"]) if group.get("loss_scale") is not None else base_mul
-        counts = ops.step_(
+        counts = ops.call_step_(
             local_ps, local_grads,
-            [t for s in states for t in self._state_list(s, kind, sc["amsgrad"])], [s["step"] for s in states],
+            self._state_list(states, kind, sc["amsgrad"]), [s["step"] for s in states],
             multiplier, [host_mul] * len(ps),
             [] if self.ema_decay is None else [float(self.ema_decay)] * len(ps), [entries[i][4] for i in sel],
             [sharding.flat_offset(p) for p in ps],

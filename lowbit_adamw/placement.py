@@ -104,8 +104,12 @@ def place_state(p: torch.Tensor, group: dict, state: dict) -> None:
         return
     dev = state_device(p, group)
     # Every tensor of a state moves together: the first one tells (this runs for every parameter each step).
-    first = next((v for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)), None)
-    if first is None or first.device == dev:
+    for k, v in state.items():
+        if k != "step" and isinstance(v, torch.Tensor):
+            if v.device == dev:
+                return
+            break
+    else:
         return
     for k, v in state.items():
         if k != "step" and isinstance(v, torch.Tensor) and v.device != dev:

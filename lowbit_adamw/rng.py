@@ -35,6 +35,8 @@ A resumed run draws exactly the numbers the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -77,6 +79,7 @@ def uniform(key: int, start: int, count: int, device) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * (2.0**-24)
 
 
+@functools.lru_cache(maxsize=65536)  # the step asks for it for every tensor, every step
 def dither_key(seed: int, tensor_id: int) -> int:
     """The per-tensor key of the second moment's dither (step-independent)."""
     return mix32(mix32(seed ^ STREAM_V) ^ tensor_id)

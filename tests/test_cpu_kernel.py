@@ -165,3 +165,14 @@ def test_cpp_step_propagates_nonfinite_like_eager_when_told_to_ignore(bits):
         for k, v in eager.state[pe].items():
             torch.testing.assert_close(cpp.state[pc][k], v, rtol=0, atol=0, equal_nan=True, msg=k)
     assert eager.param_groups[0]["params"][0].isnan().any()
+
+
+@pytest.mark.parametrize("kw", [dict(lr=1e39), dict(lr=1e-3, loss_scale=1e-40)])
+def test_scalars_beyond_fp32_range_become_fp32_infinity_as_in_eager(kw):
+    # lr / bc1 (or the gradient multiplier 1 / loss_scale) is finite in float64 and overflows fp32: the
+    # packed arguments must carry inf, as every other backend's fp32 rounding does, not raise.
+    eager, cpp = twins(torch.float32, sizes=(5001, 3), **kw)
+    step_both((eager, cpp), 0, torch.float32, sizes=(5001, 3))
+    for pe, pc in zip(eager.param_groups[0]["params"], cpp.param_groups[0]["params"]):
+        assert not torch.isfinite(pe).all()
+        torch.testing.assert_close(pe, pc, rtol=0, atol=0, equal_nan=True)
