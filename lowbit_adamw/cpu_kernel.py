@@ -183,14 +183,16 @@ def cpu_step(params, grads, states, sc: StepScalars, *, block_size: int, bits: i
             0 if index_bases is None else index_bases[i]))
         starts.append(starts[-1] + fmt.num_blocks(numel, block_size))
     args = ctypes.create_string_buffer(b"".join(packed), n * _TENSOR_LAYOUT.size)
-    block_start = torch.tensor(starts, dtype=torch.int64)
+    # ctypes arrays, not torch.tensor (about 10 us each from a list: a step in backward calls this per bucket);
+    # the floats are rounded to fp32 as a C cast rounds them, as torch.tensor would.
+    block_start = (ctypes.c_int64 * len(starts))(*starts)
     clip = sc.clip_value != float("inf")
-    scalars = torch.tensor([*sc.constants(), sc.clip_value if clip else 0.0], dtype=torch.float32)
+    scalars = (ctypes.c_float * 7)(*sc.constants(), sc.clip_value if clip else 0.0)
     counts = torch.zeros(n, dtype=torch.int32)
     levels = _M4_TABLE.data_ptr()
     bf16 = params[0].dtype == torch.bfloat16
-    rc = lib.lowbit_cpu_step(args, n, block_start.data_ptr(), block_size, bits,
-                             int(bf16), scalars.data_ptr(), levels,
+    rc = lib.lowbit_cpu_step(args, n, block_start, block_size, bits,
+                             int(bf16), scalars, levels,
                              levels + 4 * len(fmt.M4_LEVELS), int(sc.amsgrad), int(sc.maximize), int(clip), int(ema_moms is not None),
                              int(sc.skip_nonfinite), int(bf16 and sc.stochastic_rounding), counts.data_ptr(), torch.get_num_threads())
     if rc:

@@ -235,6 +235,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._warned_no_triton = False
         self._has_dtensors = True  # any DTensor parameter (set at each step; state lists unwrap them only then)
         self._label_cache: dict = {}  # id(group) -> (its params list, length, names, labels): see _labels_of
+        self._position_cache: dict = {}  # id(group) -> (ids of its params, param -> positions): see _listed
         self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload_step)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
@@ -300,6 +301,26 @@ class AdamW8bit(torch.optim.Optimizer):
         if self.step_in_backward:
             for p in group["params"]:
                 self._in_backward.attach(p)
+
+    def _listed(self, group: dict, only) -> list:
+        """(position, param) for each listing in ``group`` of the parameters in ``only`` (all of them
+        for None), in list order. A step in backward asks once per bucket: the positions are kept per
+        group and rebuilt when its list changes (compared by identity, in C), so each call costs the
+        bucket, not the model."""
+        params = group["params"]
+        if only is None:
+            return list(enumerate(params))
+        ids = tuple(map(id, params))
+        hit = self._position_cache.get(id(group))
+        if hit is None or hit[0] != ids:
+            where: dict = {}
+            for i, p in enumerate(params):
+                where.setdefault(p, []).append(i)
+            live = {id(g) for g in self.param_groups}
+            self._position_cache = {k: v for k, v in self._position_cache.items() if k in live}
+            hit = self._position_cache[id(group)] = (ids, where)
+        where = hit[1]
+        return sorted(((i, p) for p in only if p in where for i in where[p]), key=lambda item: item[0])
 
     def _labels_of(self, group: dict) -> list[str]:
         """Every parameter's label in ``group``, built once (the step needs them for each parameter,
@@ -404,12 +425,16 @@ class AdamW8bit(torch.optim.Optimizer):
         this name eagerly, with the real tensors, instead of tracing it.)"""
         gi = self._group_index(group)
         base_id = sum(len(g["params"]) for g in self.param_groups[:gi])
-        first: dict = {}  # a tensor listed twice keeps the position of its first listing (its random streams)
+        members = self._listed(group, only)
+        # A tensor listed twice keeps the position of its first listing (its random streams): found on the
+        # way through the whole list, or in the positions _listed keeps.
+        first: dict = {} if only is None else self._position_cache[id(group)][1]
         group_labels = self._labels_of(group)
         prepared = set()  # (device, dtype) pairs whose backend, plan cache and counts are set up for this group
-        for i, p in enumerate(group["params"]):
-            first.setdefault(p, i)
-            if p.grad is None or (only is not None and p not in only):
+        for i, p in members:
+            if only is None:
+                first.setdefault(p, [i])
+            if p.grad is None:
                 continue
             label = group_labels[i]
             state = self.state[p]
@@ -428,7 +453,7 @@ class AdamW8bit(torch.optim.Optimizer):
             params.append(p)
             grads.append(p.grad)
             labels.append(label)
-            tensor_ids.append(base_id + first[p])
+            tensor_ids.append(base_id + first[p][0])
             local = sharding.local(p)
             if (local.device, local.dtype) in prepared:
                 continue
@@ -518,19 +543,20 @@ class AdamW8bit(torch.optim.Optimizer):
         """Both phases over the parameters with gradients (``only``: a set of them, for the step in backward)."""
         # Phase one: nothing is written until everything is computed and checked.
         scalars = [self._group_scalars(i, g) for i, g in enumerate(self.param_groups)]
-        self._has_dtensors = any(sharding.is_dtensor(p) for g in self.param_groups for p in g["params"])
+        listed = [self._listed(g, only) for g in self.param_groups]
+        self._has_dtensors = any(sharding.is_dtensor(p) for members in listed for _, p in members)
         collected = []
-        for group in self.param_groups:
+        for group, members in zip(self.param_groups, listed):
             # Eagerly the group's labels are built once; a traced step builds them while tracing (the cache
             # is a dict keyed by id(group), which dynamo would guard on).
             group_labels = None if torch.compiler.is_compiling() else self._labels_of(group)
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None and (only is None or p in only):
+            for i, p in members:
+                if p.grad is not None:
                     validation.check_grad(p, group_labels[i] if group_labels is not None else self._label(group, i, p))
         if self.nonfinite == "raise":
-            probe = [([p for p in g["params"] if p.grad is not None and (only is None or p in only)],
-                      [self._label(g, i, p) for i, p in enumerate(g["params"]) if p.grad is not None and (only is None or p in only)])
-                     for g in self.param_groups]
+            probe = [([p for _, p in members if p.grad is not None],
+                      [self._label(g, i, p) for i, p in members if p.grad is not None])
+                     for g, members in zip(self.param_groups, listed)]
             self._check_all_finite(probe)
         for group in self.param_groups:
             params, grads, labels, tensor_ids = [], [], [], []

@@ -95,3 +95,12 @@ def test_codec_drift_tracks_decoded_state_against_fp32_moments(monkeypatch):
         assert last["step"] == 40 and last["max_update_fp32"] == r["max_update_fp32"]
         assert abs(last["v_bias"]) < 0.05, name  # the dithered v does not creep (format v4)
         assert 0 < last["update_error"] < (0.05 if name == "lowbit_8bit" else 0.6), name
+
+
+def test_bucket_overhead_counts_the_buckets_it_divides_by(tmp_path):
+    out = tmp_path / "b.json"
+    script("bucket_overhead.py", "--count", "6", "--numel", "3000", "--bucket-mb", "0.01", "64", "--rounds", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    # 12 KB tensors against a 10 KB cap: each tensor is a bucket; 64 MiB holds all six
+    assert data["buckets_per_backward"] == {"in backward, 0.01 MiB buckets": 6, "in backward, 64 MiB buckets": 1}
+    assert set(data["median_ms"]) == {"plain", *data["buckets_per_backward"]} and data["cpu_model"]

@@ -176,3 +176,32 @@ def test_scalars_beyond_fp32_range_become_fp32_infinity_as_in_eager(kw):
     for pe, pc in zip(eager.param_groups[0]["params"], cpp.param_groups[0]["params"]):
         assert not torch.isfinite(pe).all()
         torch.testing.assert_close(pe, pc, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpp_step_without_the_v_dither_gives_the_eager_bits_in_both_v_maps(bits, monkeypatch):
+    # v_dithers=None (the functional API's default: u = 1/2) has its own loops in the C++ encode, one
+    # per 8-bit v map; the first half of each gradient is flat (|g| in [0.8, 1]: every block's v within
+    # a factor of 2 of its largest, map B), the rest Gaussian (map A).
+    from lowbit_adamw import ops
+
+    real = ops.adamw8bit_step
+    monkeypatch.setattr(ops, "adamw8bit_step", lambda *a, **k: real(*a, **dict(k, v_dithers=None)))
+    sizes = (256 * 12 + 40, 5001)
+    eager, cpp = twins(torch.float32, sizes=sizes, bits=bits)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        grads = []
+        for n in sizes:
+            gr = torch.randn(n, generator=g)
+            half = n // 2
+            gr[:half] = (0.8 + 0.2 * torch.rand(half, generator=g)) * torch.sign(torch.randn(half, generator=g))
+            grads.append(gr)
+        for o in (eager, cpp):
+            for p, gr in zip(o.param_groups[0]["params"], grads):
+                p.grad = gr.clone()
+            o.step()
+        assert_same(eager, cpp)
+    if bits == 8:  # both maps were exercised: map B blocks carry a negative scale
+        scales = cpp.state[cpp.param_groups[0]["params"][0]]["exp_avg_sq_absmax"]
+        assert (scales < 0).any() and (scales > 0).any()

@@ -168,3 +168,29 @@ def test_step_runs_the_closure_only_and_zero_grad_does_nothing():
     opt.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(after, model.parameters()))
     assert opt._updates == 1
+
+
+def test_several_param_groups_and_one_added_later_give_the_same_bits():
+    # Each bucket walks only its own parameters, found through per-group positions that are rebuilt
+    # when the groups change; the positions give each tensor its random streams (v's dither), so a
+    # wrong one shows in the bits.
+    def run(step_in_backward):
+        model = tiny_model(dim=64, layers=2)
+        named = list(model.named_parameters())
+        kw = dict(lr=3e-3, min_8bit_size=1024, weight_decay=0.1)
+        if step_in_backward:
+            kw.update(step_in_backward=True, step_in_backward_bucket_mb=CAP_MB)
+        opt = AdamW8bit([{"params": [p for _, p in named[:3]]}, {"params": [p for _, p in named[3:-2]], "lr": 1e-3}], **kw)
+        it = data(seq_len=32)
+        for step in range(3):
+            if step == 1:
+                for _, p in named[-2:]:
+                    p.grad = None  # accumulated outside the optimizer (zero_grad does nothing in backward mode)
+                opt.add_param_group({"params": [p for _, p in named[-2:]], "weight_decay": 0.0})
+            x, y = next(it)
+            opt.zero_grad()
+            model.loss(x, y).backward()
+            opt.step()
+        return model, opt
+
+    assert_same_training(run(False), run(True))

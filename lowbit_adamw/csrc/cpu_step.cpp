@@ -269,8 +269,10 @@ inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float*
     const int64_t base = t.index_base + start;
     const float* __restrict__ xs = x;
     float* __restrict__ qs = q;
-    if (!t.v_dither)
-      for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, map_b, 0.5f);
+    if (!t.v_dither && map_b)
+      for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, true, 0.5f);
+    else if (!t.v_dither)
+      for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, false, 0.5f);
     else if (map_b)
       for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, true, dither(key, offset, base + i));
     else
