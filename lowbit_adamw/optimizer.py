@@ -717,10 +717,12 @@ class AdamW8bit(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except between the micro-steps of ``accumulation_steps``: gradients must keep
         summing in ``.grad`` until the update, so it does nothing there. With ``step_in_backward`` the
-        gradients are freed as they are used: nothing to do."""
+        gradients it steps are freed as they are used; what it clears is what backward left, such as
+        the gradients a parameter gathered before ``add_param_group`` gave it to this optimizer (the
+        plain loop's ``zero_grad`` clears those too)."""
         if self._reporter.pending:
             self._reporter.report(wait=False)
-        if self.step_in_backward or (self.accumulation_steps > 1 and self._calls % self.accumulation_steps):
+        if not self.step_in_backward and self.accumulation_steps > 1 and self._calls % self.accumulation_steps:
             return
         super().zero_grad(set_to_none=set_to_none)
 

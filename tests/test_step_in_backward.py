@@ -149,7 +149,7 @@ def test_what_cannot_work_fails_loudly(monkeypatch):
         opt.step()
 
 
-def test_step_runs_the_closure_only_and_zero_grad_does_nothing():
+def test_step_runs_the_closure_only_and_zero_grad_changes_nothing_after_it():
     model = tiny_model(dim=32, layers=1)
     opt = AdamW8bit(model.parameters(), min_8bit_size=1024, step_in_backward=True)
     x, y = next(data(seq_len=32))
@@ -173,7 +173,7 @@ def test_step_runs_the_closure_only_and_zero_grad_does_nothing():
 def test_several_param_groups_and_one_added_later_give_the_same_bits():
     # Each bucket walks only its own parameters, found through per-group positions that are rebuilt
     # when the groups change; the positions give each tensor its random streams (v's dither), so a
-    # wrong one shows in the bits.
+    # wrong one shows in the bits. zero_grad clears what the added parameters gathered before.
     def run(step_in_backward):
         model = tiny_model(dim=64, layers=2)
         named = list(model.named_parameters())
@@ -183,9 +183,7 @@ def test_several_param_groups_and_one_added_later_give_the_same_bits():
         opt = AdamW8bit([{"params": [p for _, p in named[:3]]}, {"params": [p for _, p in named[3:-2]], "lr": 1e-3}], **kw)
         it = data(seq_len=32)
         for step in range(3):
-            if step == 1:
-                for _, p in named[-2:]:
-                    p.grad = None  # accumulated outside the optimizer (zero_grad does nothing in backward mode)
+            if step == 1:  # its parameters arrive with the gradients of step 0: zero_grad below clears them
                 opt.add_param_group({"params": [p for _, p in named[-2:]], "weight_decay": 0.0})
             x, y = next(it)
             opt.zero_grad()
