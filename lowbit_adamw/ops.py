@@ -47,6 +47,7 @@ from torch.utils import _python_dispatch
 
 from . import layout
 from . import rng
+from . import sharding
 from .functional import adamw8bit_step, fp32_state_step
 from .step_spec import StepScalars, state_names
 
@@ -199,10 +200,14 @@ def _step_body(
             backs.append(back)
     with interrupts_deferred():
         if kind == KIND_QUANTIZED:
-            try:  # one call each, not one in-place add and one read per tensor (stack refuses mixed devices or shapes)
-                step_counts = [int(s) for s in (torch.stack(steps) + 1).tolist()]
+            try:  # one call each, not one in-place add and one read per tensor
+                stacked = torch.stack(steps)
+            except RuntimeError:  # mixed devices or shapes: nothing was written yet, so one by one
+                stacked = None
+            if stacked is not None:
+                step_counts = [int(s) for s in (stacked + 1).tolist()]
                 torch._foreach_add_(steps, 1)
-            except RuntimeError:
+            else:
                 for s in steps:
                     s += 1
                 step_counts = [int(s.item()) for s in steps]
@@ -227,7 +232,6 @@ def _step_body(
 
 
 step_ = torch.library.custom_op("lowbit_adamw::step_", mutates_args=("params", "state", "steps"))(_step_body)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def call_step_(params: list[torch.Tensor], grads: list[torch.Tensor], state: list[torch.Tensor], steps: list[torch.Tensor],
@@ -240,7 +244,7 @@ def call_step_(params: list[torch.Tensor], grads: list[torch.Tensor], state: lis
     code runs either way, so the bits are the same."""
     if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
             or _python_dispatch._get_current_dispatch_mode() is not None
-            or not all(type(t) in _PLAIN_TENSORS for t in itertools.chain(params, grads))):
+            or not all(type(t) in sharding.PLAIN_TENSOR_TYPES for t in itertools.chain(params, grads))):
         return step_(params, grads, state, steps, *rest)
     for mutated in (params, state, steps):
         torch.autograd.graph.increment_version(mutated)

@@ -235,7 +235,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._warned_no_triton = False
         self._has_dtensors = True  # any DTensor parameter (set at each step; state lists unwrap them only then)
         self._label_cache: dict = {}  # id(group) -> (its params list, length, names, labels): see _labels_of
-        self._position_cache: dict = {}  # id(group) -> (ids of its params, param -> positions): see _listed
+        self._position_cache: dict = {}  # id(group) -> (ids of its params, param -> positions): see _positions
         self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload_step)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
@@ -302,14 +302,10 @@ class AdamW8bit(torch.optim.Optimizer):
             for p in group["params"]:
                 self._in_backward.attach(p)
 
-    def _listed(self, group: dict, only) -> list:
-        """(position, param) for each listing in ``group`` of the parameters in ``only`` (all of them
-        for None), in list order. A step in backward asks once per bucket: the positions are kept per
-        group and rebuilt when its list changes (compared by identity, in C), so each call costs the
-        bucket, not the model."""
+    def _positions(self, group: dict) -> dict:
+        """Each parameter of ``group`` -> every position it is listed at, in order. Kept per group and
+        rebuilt when its list changes (compared by identity, in C): a step in backward asks once per bucket."""
         params = group["params"]
-        if only is None:
-            return list(enumerate(params))
         ids = tuple(map(id, params))
         hit = self._position_cache.get(id(group))
         if hit is None or hit[0] != ids:
@@ -319,7 +315,14 @@ class AdamW8bit(torch.optim.Optimizer):
             live = {id(g) for g in self.param_groups}
             self._position_cache = {k: v for k, v in self._position_cache.items() if k in live}
             hit = self._position_cache[id(group)] = (ids, where)
-        where = hit[1]
+        return hit[1]
+
+    def _listed(self, group: dict, only) -> list:
+        """(position, param) for each listing in ``group`` of the parameters in ``only`` (all of them
+        for None), in list order: each call costs the bucket, not the model."""
+        if only is None:
+            return list(enumerate(group["params"]))
+        where = self._positions(group)
         return sorted(((i, p) for p in only if p in where for i in where[p]), key=lambda item: item[0])
 
     def _labels_of(self, group: dict) -> list[str]:
@@ -425,15 +428,10 @@ class AdamW8bit(torch.optim.Optimizer):
         this name eagerly, with the real tensors, instead of tracing it.)"""
         gi = self._group_index(group)
         base_id = sum(len(g["params"]) for g in self.param_groups[:gi])
-        members = self._listed(group, only)
-        # A tensor listed twice keeps the position of its first listing (its random streams): found on the
-        # way through the whole list, or in the positions _listed keeps.
-        first: dict = {} if only is None else self._position_cache[id(group)][1]
+        positions = self._positions(group)  # a tensor listed twice keeps its first position (its random streams)
         group_labels = self._labels_of(group)
         prepared = set()  # (device, dtype) pairs whose backend, plan cache and counts are set up for this group
-        for i, p in members:
-            if only is None:
-                first.setdefault(p, [i])
+        for i, p in self._listed(group, only):
             if p.grad is None:
                 continue
             label = group_labels[i]
@@ -453,7 +451,7 @@ class AdamW8bit(torch.optim.Optimizer):
             params.append(p)
             grads.append(p.grad)
             labels.append(label)
-            tensor_ids.append(base_id + first[p][0])
+            tensor_ids.append(base_id + positions[p][0])
             local = sharding.local(p)
             if (local.device, local.dtype) in prepared:
                 continue

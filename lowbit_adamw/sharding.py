@@ -26,11 +26,11 @@ except ImportError:  # pragma: no cover - torch without distributed
     DTensor = None
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # nn.Parameter(dtensor) is a DTensor, not a Parameter
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # no subclass: nn.Parameter(dtensor) is a DTensor, not a Parameter
 
 
 def is_dtensor(t) -> bool:
-    if type(t) in _PLAIN:  # the common case, without isinstance's subclass walk (asked for every tensor, every step)
+    if type(t) in PLAIN_TENSOR_TYPES:  # the common case, without isinstance's subclass walk (asked for every tensor, every step)
         return False
     return DTensor is not None and isinstance(t, DTensor)
 
