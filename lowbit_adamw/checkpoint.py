@@ -17,9 +17,18 @@ Saved (``state_dict``): torch's ``{"state", "param_groups"}`` (state_dict hooks 
 Loaded (``load_state_dict``): torch's load_state_dict pre- and post-hooks run; then every value is
 checked before anything is replaced: format version, group and parameter counts, code width and block
 size per group, code and scale dtypes and sizes, scales finite and non-negative, ``step`` finite and
-non-negative (a Python number becomes a tensor, as torch does), full-precision moments shaped like
-their parameter, group hyper-parameters valid. Nothing is cast: codes stay uint8 and scales fp32
-whatever the parameter dtype; tensors move to the parameter's device.
+non-negative (a Python number becomes a tensor, as torch does), group hyper-parameters valid, and every
+parameter state that has a ``step`` complete: all the moments its form needs (codes and scales of m and
+v, or full-precision ``exp_avg``/``exp_avg_sq``; ``max_exp_avg_sq`` too with amsgrad), never a mix of
+the two forms. Full-precision moments (and the EMA) are shaped like their parameter, finite, v >= 0,
+and of the state's dtype (``placement.full_state_dtype``). A failure is a ``ValueError`` naming the
+parameter (group, index, state id) and the key, raised before anything is replaced.
+
+One cast is made, with a warning: full-precision moments saved in another floating dtype of the same
+kind (real or complex) take the state's dtype, float64 rounded to nearest as ``torch.optim.AdamW``'s own
+loader does (it casts silently), 16-bit widened exactly; they are checked for finiteness after the cast.
+Nothing else is cast: codes stay uint8 and scales fp32 whatever the parameter dtype; tensors move to the
+parameter's device.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ import torch
 from . import format as fmt
 from . import layout
 from . import placement, sharding
+from .step_spec import state_names
 
 VERSION_KEY = "lowbit_format_version"
 RUN_KEY = "lowbit_run"
@@ -116,18 +126,24 @@ def _check_scales(absmax: torch.Tensor, label: str, name: str, bits: int, versio
                           "|value| of its block)")
 
 
-def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int, version: int, device=None) -> dict:
-    """``device``: where the state lives (host memory for an offloaded group; default the parameter's)."""
+def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int, version: int, device=None,
+                     amsgrad: bool = False, casts: list | None = None) -> dict:
+    """``device``: where the state lives (host memory for an offloaded group; default the parameter's).
+    ``amsgrad``: the loaded group's; ``casts`` collects the moments cast to the state's dtype (see module doc)."""
     out = {}
     saved = dict(saved)
     saved_order = saved.pop(ORDER_KEY, None)
+    target = torch.device(device or p.device)
     for key, value in saved.items():
         if key == "step":
             out[key] = _check_step(value, label)
         elif not isinstance(value, torch.Tensor):
             out[key] = value
+        elif value.device.type == "meta" and target.type != "meta":
+            raise _bad(label, f"saved {key} is a meta tensor (a shape without values); save the state dict from an "
+                              "optimizer whose state holds real tensors")
         else:
-            out[key] = value.detach().to(device=device or p.device, copy=True)  # dtype kept as saved
+            out[key] = value.detach().to(device=target, copy=True)  # dtype kept as saved (checked below)
     if "step" not in out and any(isinstance(v, torch.Tensor) for v in out.values()):
         raise _bad(label, "the state has moments but no 'step'")
     numel = layout.real_view(sharding.local(p)).numel() if not sharding.is_dtensor(p) else layout.real_view(p).numel()
@@ -163,13 +179,64 @@ def load_param_state(opt, p, saved: dict, label: str, block_size: int, bits: int
             value = out[name]
             if value.shape != p.shape:
                 raise _bad(label, f"saved {name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
-            if not (value.is_floating_point() or value.is_complex()):
-                raise _bad(label, f"saved {name} has dtype {value.dtype}; moments are floating point")
+            value = _full_precision(p, value, label, name, casts)
             value = sharding.to_param_layout(p, value, p.shape)
             if not sharding.is_dtensor(p) and layout.is_dense(p) and not layout.same_layout(p, value):
                 value = torch.empty_like(p, dtype=value.dtype).copy_(value)  # the step walks both in p's storage order
             out[name] = value
+    _check_complete(out, label, bits, amsgrad)
     return out
+
+
+def _full_precision(p, value: torch.Tensor, label: str, name: str, casts: list | None) -> torch.Tensor:
+    """A saved full-precision moment (or EMA) of the state's dtype and finite (see module doc)."""
+    want = placement.full_state_dtype(p)
+    if not (value.is_floating_point() or value.is_complex()):
+        raise _bad(label, f"saved {name} has dtype {value.dtype}; moments are floating point ({want} for this parameter)")
+    if value.dtype != want:
+        if value.is_complex() != want.is_complex:
+            raise _bad(label, f"saved {name} has dtype {value.dtype} but this {p.dtype} parameter keeps {want} moments; "
+                              "a checkpoint of a real parameter does not load into a complex one, nor the reverse")
+        if casts is not None:
+            casts.append(f"{label}: {name} {str(value.dtype).removeprefix('torch.')} -> {str(want).removeprefix('torch.')}")
+        value = value.to(want)
+    local = sharding.local(value)
+    if local.device.type == "meta" or local.numel() == 0:
+        return value
+    bad = ~torch.isfinite(local)
+    what = "NaN or infinite"
+    if name in fmt.QUANTIZED_MOMENTS and not fmt.is_signed(name):  # second moments: squares, never negative
+        bad |= (torch.view_as_real(local) < 0).any(-1) if local.is_complex() else local < 0
+        what = "NaN, infinite or negative (a second moment is a mean of squares)"
+    if bool(bad.any()):
+        raise _bad(label, f"saved {name} has {int(bad.sum())} value(s) that are {what}; the checkpoint is corrupt. Load an "
+                          "earlier one, or delete this parameter's entry from the state dict's 'state' to start its "
+                          "moments from zero")
+    return value
+
+
+def _check_complete(out: dict, label: str, bits: int, amsgrad: bool) -> None:
+    """A state with a step holds every moment of one form (see module doc)."""
+    if "step" not in out:
+        return
+    quantized = [n for n in fmt.QUANTIZED_MOMENTS if n + "_codes" in out]
+    fix = ("the checkpoint is incomplete or was edited. Load a complete one, or delete this parameter's entry from the "
+           "state dict's 'state' to start its moments from zero")
+    if not quantized and not any(n in out for n in fmt.QUANTIZED_MOMENTS):
+        raise _bad(label, f"the state has a step but no moments (neither {bits}-bit 'exp_avg_codes'... nor full-precision "
+                          f"'exp_avg'...); {fix}")
+    if quantized:
+        mixed = [n for n in fmt.QUANTIZED_MOMENTS if n in out]
+        if mixed:
+            raise _bad(label, f"the state holds {bits}-bit {', '.join(quantized)} and full-precision {', '.join(mixed)}; "
+                              f"a parameter's moments are all of one form: {fix}")
+    for name in state_names(amsgrad):
+        key = name + "_codes" if quantized else name
+        if key not in out:
+            form = f"{bits}-bit codes and scales" if quantized else "full-precision moment"
+            why = " (its param group has amsgrad=True; a run saved without amsgrad loads with amsgrad=False)" \
+                if name == "max_exp_avg_sq" else ""
+            raise _bad(label, f"the state has a step but no {key!r} ({name}'s {form}){why}; {fix}")
 
 
 def _reorder_codes(p, out: dict, saved_order, label: str, block_size: int, bits: int) -> None:
@@ -193,6 +260,13 @@ def _reorder_codes(p, out: dict, saved_order, label: str, block_size: int, bits:
         logical = layout.from_order(flat, shape, old)
         codes, absmax = fmt.quantize_blockwise(layout.to_order(logical, new).contiguous(), fmt.is_signed(name), block_size, bits)
         out[name + "_codes"], out[name + "_absmax"] = codes, absmax
+
+
+def _load_label(group: dict, gi: int, j: int, p, pid) -> str:
+    """Where a loaded state goes, as a user finds it in both the optimizer and the state dict."""
+    names = group.get("param_names")
+    name = f"'{names[j]}', " if names else ""
+    return f"param group {gi}, parameter {j} ({name}shape {tuple(p.shape)}; state dict key {pid!r})"
 
 
 def load_state_dict(opt, state_dict: dict) -> None:
@@ -237,17 +311,19 @@ def load_state_dict(opt, state_dict: dict) -> None:
                 f"param group {i}: state dict was saved with block_size={saved.get('block_size')}, this optimizer uses "
                 f"block_size={group['block_size']}; create the optimizer with block_size={saved.get('block_size')}"
             )
+        amsgrad = saved.get("amsgrad", opt.defaults["amsgrad"])
         for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-            id_map[pid] = (p, opt._label(group, j, p), group["block_size"], group["bits"], placement.state_device(p, group))
+            id_map[pid] = (p, _load_label(group, i, j, p, pid), group["block_size"], group["bits"], placement.state_device(p, group), amsgrad)
 
     new_state = defaultdict(dict)
     layouts = {}
+    casts: list[str] = []
     for pid, saved_state in state_dict["state"].items():
         if pid not in id_map:
             raise ValueError(f"state dict has state for parameter id {pid}, which no param group lists")
-        p, label, block_size, bits, device = id_map[pid]
+        p, label, block_size, bits, device, amsgrad = id_map[pid]
         new_state[p] = load_param_state(opt, p, saved_state, label, block_size, bits, version,
-                                        None if sharding.is_dtensor(p) else device)
+                                        None if sharding.is_dtensor(p) else device, amsgrad=bool(amsgrad), casts=casts)
         if any(k.endswith("_codes") for k in new_state[p]):
             layouts[p] = (bits, block_size)
 
@@ -271,6 +347,10 @@ def load_state_dict(opt, state_dict: dict) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"state dict: lowbit_adamw.{k} must be a non-negative int, got {v!r}")
 
+    if casts:
+        warnings.warn(f"AdamW8bit.load_state_dict cast {len(casts)} saved full-precision tensor(s) to the state's dtype "
+                      f"({'; '.join(casts[:3])}{'; ...' if len(casts) > 3 else ''}): float64 rounds to float32 as "
+                      "torch.optim.AdamW's loader does, 16-bit widens exactly", UserWarning, stacklevel=4)
     opt.state = new_state
     opt.param_groups = new_groups
     opt._layouts = layouts

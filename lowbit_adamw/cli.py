@@ -222,12 +222,17 @@ def _run_memory(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"reports": [r.to_dict() for r in reports], "fit": fit.to_dict() if fit else None,
                        "command": "lowbit-adamw " + " ".join(sys.argv[1:])}, f, indent=1)
-    if args.png and fit is not None:
-        fit.plot(args.png)
-    elif args.png:
-        reports[0].plot(args.png)
-        if args.measure:
-            reports[1].plot(args.png.removesuffix(".png") + "-measured.png")
+    try:
+        if args.png and fit is not None:
+            fit.plot(args.png)
+        elif args.png:
+            reports[0].plot(args.png)
+            if args.measure:
+                reports[1].plot(args.png.removesuffix(".png") + "-measured.png")
+    except ImportError as e:
+        written = "the table above and " + args.json if args.json else "the table above"
+        print(f"lowbit-adamw memory: --png not written: {e}; {written} stand", file=sys.stderr)
+        return 1
     return 0
 
 

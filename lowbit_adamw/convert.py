@@ -9,7 +9,7 @@ from . import format as fmt
 from . import layout, placement
 from .checkpoint import META_KEY, ORDER_KEY
 from .placement import full_state_dtype
-from .migrate import TORCH_GROUP_KEYS, lowbit_to_torch
+from .migrate import TORCH_GROUP_KEYS, identify, lowbit_to_torch
 
 
 def to_torch_adamw_state_dict(optimizer) -> dict:
@@ -22,7 +22,14 @@ def to_torch_adamw_state_dict(optimizer) -> dict:
 def load_torch_adamw_state_dict(optimizer, torch_state_dict: dict) -> None:
     """Load a ``torch.optim.AdamW`` state dict into an AdamW8bit over the same parameters: moments of
     parameters that get 8-bit state are quantized, the others are kept in fp32. Hyper-parameters come
-    from the torch state dict; the AdamW8bit-only settings (block size, ...) stay as they are."""
+    from the torch state dict; the AdamW8bit-only settings (block size, ...) stay as they are.
+
+    A state dict of another kind is not read as torch's: AdamW8bit's own loads as it is, bitsandbytes' and
+    torchao's go through the converter ``optimizer.load_state_dict`` uses (with its warning), and one of no
+    known kind is refused with the list of kinds that load."""
+    if identify(torch_state_dict) != "torch":
+        optimizer.load_state_dict(torch_state_dict)
+        return
     optimizer.load_state_dict(from_torch_adamw(optimizer, torch_state_dict))
 
 
@@ -43,8 +50,10 @@ def from_torch_adamw(optimizer, torch_state_dict: dict) -> dict:
     state = {}
     for pid, s in sd["state"].items():
         p, g = id_to_param[pid]
-        step = s["step"]
-        out = {"step": (step.detach().float().cpu().reshape(()) if isinstance(step, torch.Tensor) else torch.tensor(float(step)))}
+        out = {}
+        if "step" in s:  # a state without one is refused by the loader, whatever it holds
+            step = s["step"]
+            out["step"] = step.detach().float().cpu().reshape(()) if isinstance(step, torch.Tensor) else torch.tensor(float(step))
         names = [n for n in fmt.QUANTIZED_MOMENTS if n in s]
         if placement.wants_8bit(optimizer, p, g):
             for name in names:
@@ -63,7 +72,7 @@ def from_torch_adamw(optimizer, torch_state_dict: dict) -> dict:
     new_sd["state"], new_sd["param_groups"] = state, groups
     # The run continues where the other optimizer stopped: the update count (a callable lr's argument,
     # the EMA phase) is the largest per-parameter step.
-    steps = [int(s["step"].item()) for s in state.values()]
+    steps = [int(s["step"].item()) for s in state.values() if "step" in s]
     if steps:
         new_sd[META_KEY] = dict(new_sd[META_KEY], updates=max(steps))
     return new_sd

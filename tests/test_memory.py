@@ -372,3 +372,15 @@ def test_fit_chart_writes_its_numbers_on_the_bars():
     for row in r.rows:
         assert f"{row.total / 2**30:.1f} GiB" in texts
     assert f"{r.rows[0].weights / 2**30:.1f}" in texts  # the weights part of the first bar
+
+
+def test_cli_png_without_matplotlib_names_the_extra_and_keeps_the_table_and_json(tmp_path, capsys, monkeypatch):
+    from lowbit_adamw.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an install without the cli extra
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    assert main(["memory", "--model", "tinylm", "--optimizers", "adamw,lowbit_8bit", "--json", str(out), "--png", str(png)]) == 1
+    captured = capsys.readouterr()
+    assert "pip install 'lowbit-adamw[cli]'" in captured.err and "Traceback" not in captured.err
+    assert captured.out.startswith("tinylm: ") and json.loads(out.read_text())["reports"][0]["mode"] == "estimate"
+    assert not png.exists()

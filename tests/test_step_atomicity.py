@@ -134,7 +134,16 @@ def test_a_later_groups_lr_failing_leaves_everything_as_it_was(bad):
     assert not fresh.state[c] and not fresh.state[d]
 
 
-def test_a_keyboard_interrupt_lands_after_the_writes_of_a_bucket(monkeypatch):
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever the process inherited: a test suite started
+    in the background of a non-interactive shell inherits SIGINT ignored, and Python then installs none."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_keyboard_interrupt_lands_after_the_writes_of_a_bucket(monkeypatch, python_sigint_handler):
     """SIGINT in the middle of the eager step (weights written, codes not yet): the interrupt is
     delivered once the bucket is written whole, and the next group's bucket is not started."""
     torch.manual_seed(0)
@@ -171,3 +180,73 @@ def test_a_keyboard_interrupt_lands_after_the_writes_of_a_bucket(monkeypatch):
     for k, v in ref.state[ref_ps[0]].items():
         assert torch.equal(v, opt.state[ps[0]][k]), k
     assert torch.equal(ps[1], base[1]) and float(opt.state[ps[1]]["step"]) == 0
+
+
+def one_chunked_tensor(monkeypatch):
+    """One 8-bit tensor that the eager step writes in 7 chunks (weights, then codes, per chunk), its
+    first step taken; and the same after an uninterrupted second step."""
+    monkeypatch.setattr(fmt, "CHUNK_ELEMENTS", BLOCK * 4)
+    torch.manual_seed(0)
+    base, grads_ = torch.randn(BLOCK * 27 + 11), [torch.randn(BLOCK * 27 + 11) for _ in range(2)]
+    pair = []
+    for _ in range(2):
+        p = nn.Parameter(base.clone())
+        opt = AdamW8bit([p], backend="torch", min_8bit_size=0)
+        p.grad = grads_[0].clone()
+        opt.step()
+        p.grad = grads_[1].clone()
+        pair.append((p, opt))
+    (ref_p, ref), (p, opt) = pair
+    ref.step()
+    return p, opt, ref_p, ref
+
+
+def raise_in_the_third_chunk(monkeypatch, sig):
+    real, calls = fmt.encode_span, []
+
+    def encode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # m and v per chunk: chunks 1 and 2 are written, chunk 3's weights too
+            signal.raise_signal(sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fmt, "encode_span", encode)
+    return calls
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="SIGALRM is POSIX")
+def test_any_python_signal_handler_waits_for_the_tensor_to_be_written_whole(monkeypatch):
+    """A KeyboardInterrupt raised by a handler of another signal (a timer's SIGALRM, say), in the middle of
+    one tensor's eager step: the handler runs once, after the tensor is wholly new, and what it raises
+    reaches the caller."""
+    p, opt, ref_p, ref = one_chunked_tensor(monkeypatch)
+    handled = []
+
+    def handler(signum, frame):
+        handled.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        calls = raise_in_the_third_chunk(monkeypatch, signal.SIGALRM)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert handled == [signal.SIGALRM] and len(calls) == 14  # 7 chunks x (m, v): every chunk written
+    assert torch.equal(p, ref_p)
+    for k, v in ref.state[ref_p].items():
+        assert torch.equal(v, opt.state[p][k]), k
+    assert signal.getsignal(signal.SIGALRM) is previous
+
+
+def test_an_ignored_sigint_stays_ignored_and_the_step_completes(monkeypatch):
+    p, opt, ref_p, ref = one_chunked_tensor(monkeypatch)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        raise_in_the_third_chunk(monkeypatch, signal.SIGINT)
+        opt.step()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert torch.equal(p, ref_p)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .measurement import _SavedBytes
 from .models import from_config, load_model
+from .report import pyplot
 from .state import estimate_state_bytes, param_specs
 
 # name: (label, optimizer of memory.OPTIMIZERS for the state, step in backward)
@@ -157,12 +158,9 @@ class FitReport:
     def figure(self):
         """The chart as a matplotlib figure: stacked GiB per configuration, each part and each total written
         on its bar, the GPU's memory as a line."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         import textwrap
+
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(self.rows)), 4.5))
         parts = ("weights", "grads", "state", "activations")
@@ -190,8 +188,7 @@ class FitReport:
         return fig
 
     def plot(self, path: str) -> str:
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig = self.figure()
         fig.savefig(path, dpi=120)
         plt.close(fig)

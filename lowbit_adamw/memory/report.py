@@ -4,6 +4,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or an ImportError that says what to install."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("a memory chart (PNG) needs matplotlib, which is not installed: pip install 'lowbit-adamw[cli]' "
+                          "(or pip install matplotlib)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 
 
@@ -94,11 +106,7 @@ class MemoryReport:
 
     def plot(self, path: str) -> str:
         """Stacked bars per optimizer (and, when measured, a per-step curve) as a PNG at ``path``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         has_history = any(r.history for r in self.rows)
         fig, axes = plt.subplots(1, 2 if has_history else 1, figsize=(13 if has_history else 8, 1.6 + 0.55 * len(self.rows)), squeeze=False)
         ax = axes[0][0]
