@@ -11,6 +11,16 @@ bandwidth of a GPU comes a floor for one Llama-2-7B step, beside the same floor 
 with fp32 state. These are static figures: what the compiler produced and what the memory system allows,
 not timings. --quick: the default variants only (what the test suite runs). --sweep: registers and
 occupancy for other blocks-per-program / warp counts of the bf16 default variant.
+
+The speed model (NVIDIA): each variant's cubin is disassembled (the triton wheel's ``cuobjdump -sass``) and its
+instructions counted per element a thread handles: ``hot`` the straight-line path (the IEEE square roots' and
+divisions' slow-path calls not taken), ``main`` the kernel body with those call sites, ``total`` with the
+slow-path subroutines too. At most one warp instruction issues per cycle per SM sub-partition (4 per SM), so a
+step of N parameters needs at least ``N * instructions / 32 / (SMs * 4 * clock)`` to issue, beside
+``N * bytes / bandwidth`` to move: the predicted step time is the larger (static; stalls, latency and
+occupancy are what a GPU timing adds). The same count of bitsandbytes' shipped kernel for the same step
+(``kOptimizerStatic8bit2StateBlockwise<bf16, ADAM, 256, 1>`` from its CUDA library's cubin for that
+architecture; one element per thread per iteration of its loop, the loop body counted) is its row beside ours.
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ from lowbit_adamw.kernels import adamw8bit_kernel, variant_constexprs  # noqa: E
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import machine, step_bytes_per_param  # noqa: E402
+from sass import bnb_loop_instructions, disassemble, parse_sass, sass_counts  # noqa: E402
 
 # name: (backend, arch, warp size, registers per SM, max warps per SM, shared memory per SM in bytes)
 TARGETS = {
@@ -43,6 +54,16 @@ TARGETS = {
     "gfx90a": ("hip", "gfx90a", 64, None, None, 64 * 1024),
     "gfx942": ("hip", "gfx942", 64, None, None, 64 * 1024),
 }
+# The speed model's GPUs: published SM count, boost clock (Hz), memory bandwidth (bytes/s), and the target whose
+# code we count for it (Ada cards run the sm_80 count: the same instruction set for this kernel) and the
+# architecture of bitsandbytes' cubin for it.
+ISSUE_GPUS = [
+    dict(gpu="H100 SXM", target="sm_90", bnb_arch="sm_90", sms=132, clock=1.98e9, bandwidth=3.35e12),
+    dict(gpu="A100 80GB SXM", target="sm_80", bnb_arch="sm_80", sms=108, clock=1.41e9, bandwidth=2.039e12),
+    dict(gpu="RTX 4090", target="sm_80", bnb_arch="sm_89", sms=128, clock=2.52e9, bandwidth=1.008e12),
+    dict(gpu="RTX 4060 Ti 16GB", target="sm_80", bnb_arch="sm_89", sms=34, clock=2.535e9, bandwidth=0.288e12),
+]
+ISSUE_PER_SM_PER_CYCLE = 4  # warp instructions: one per sub-partition scheduler
 # Published peak memory bandwidths (bytes/s) of the cards each target stands for.
 GPUS = {
     "sm_90": [("H100 SXM", 3.35e12)],
@@ -111,6 +132,43 @@ def amdgcn_memory_ops(asm: str) -> Counter:
 
 def scalar_narrow_amd(ops: Counter) -> int:
     return sum(n for k, n in ops.items() if re.search(r"_(u|s)?(byte|short)(_d16(_hi)?)?$", k))
+
+
+def issue_model(n_params: float, instr_per_element: float, bytes_per_param: float, gpu: dict) -> dict:
+    """One GPU's static prediction for a step of ``n_params``: issue time, memory time, the larger, and the
+    instructions per element at which the two are equal (the budget)."""
+    issue_rate = gpu["sms"] * ISSUE_PER_SM_PER_CYCLE * gpu["clock"]  # warp instructions per second
+    issue_ms = n_params * instr_per_element / 32 / issue_rate * 1e3
+    memory_ms = n_params * bytes_per_param / gpu["bandwidth"] * 1e3
+    return dict(issue_ms=issue_ms, memory_ms=memory_ms, predicted_ms=max(issue_ms, memory_ms),
+                bound="issue" if issue_ms > memory_ms else "memory",
+                budget_instructions_per_element=memory_ms / 1e3 * issue_rate * 32 / n_params)
+
+
+def speed_model(rows: list[dict], bnb: dict) -> list[dict]:
+    """Per speed-model GPU: each counted default variant of ours (aligned) and bitsandbytes' kernel, predicted
+    Llama-2-7B step time beside torch fused AdamW's memory floor."""
+    out = []
+    for gpu in ISSUE_GPUS:
+        for r in rows:
+            if r["target"] != gpu["target"] or "sass" not in r or not r["aligned"]:
+                continue
+            per = r["sass"]["hot_per_element"]
+            out.append(dict(gpu=gpu["gpu"], who="lowbit-adamw", target=r["target"], bits=r["bits"], dtype=r["dtype"],
+                            amsgrad=r["amsgrad"], stochastic=r["stochastic"], ema=r["ema"], instructions_per_element=per,
+                            instructions_per_element_with_slow_paths=r["sass"]["total_per_element"],
+                            bytes_per_param=r["bytes_per_param"],
+                            torch_fused_fp32_state_ms=LLAMA2_7B_PARAMS * torch_fused_bytes_per_param(r["dtype"]) / gpu["bandwidth"] * 1e3,
+                            **issue_model(LLAMA2_7B_PARAMS, per, r["bytes_per_param"], gpu)))
+        b = bnb.get(gpu["bnb_arch"], {})
+        if "loop_body" in b:
+            bpp = bytes_per_param("bf16")  # the same traffic: bf16 weights, 8-bit codes, blocks of 256
+            out.append(dict(gpu=gpu["gpu"], who="bitsandbytes", target=gpu["bnb_arch"], bits=8, dtype="bf16", amsgrad=False,
+                            stochastic=False, ema=False, instructions_per_element=b["loop_body"] / b["elements_per_thread"],
+                            bytes_per_param=bpp,
+                            torch_fused_fp32_state_ms=LLAMA2_7B_PARAMS * torch_fused_bytes_per_param("bf16") / gpu["bandwidth"] * 1e3,
+                            **issue_model(LLAMA2_7B_PARAMS, b["loop_body"] / b["elements_per_thread"], bpp, gpu)))
+    return out
 
 
 def ptxas_figures(ptx: str, arch: int) -> dict:
@@ -189,6 +247,10 @@ def report_variant(target, dtype, amsgrad=False, stochastic=False, ema=False, al
         row.update(ptxas_figures(ptx, TARGETS[target][1]))
         row.update(occupancy_nvidia(target, row["registers"], warps, smem))
         row["scalar_8_16_bit_global_ops"] = scalar_narrow_nvidia(ops)
+        per_thread = row["elements_per_program"] / (warps * TARGETS[target][2])
+        counts = sass_counts(parse_sass(disassemble(kernel.asm["cubin"])))
+        row["sass"] = dict(counts, elements_per_thread=per_thread,
+                           **{f"{k}_per_element": counts[k] / per_thread for k in ("hot", "main", "total")})
         text, ext = ptx, "ptx"
     else:
         asm = kernel.asm["amdgcn"]
@@ -250,11 +312,16 @@ def main(argv=None):
         if t not in TARGETS:
             ap.error(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
     rows = [report_variant(t, ptx_dir=args.ptx_dir, **v) for t in targets for v in variants(args.quick)]
+    bnb = {arch: bnb_loop_instructions(arch) for arch in sorted({g["bnb_arch"] for g in ISSUE_GPUS})}
+    model = speed_model(rows, bnb)
     result = dict(
         note="Static figures from ahead-of-time compilation (no GPU was used): instruction counts, registers, "
              "occupancy and bandwidth floors, not timings.",
         machine=machine(), triton=triton.__version__, block_size=DEFAULT_BLOCK, variants=rows,
         sweep={t: sweep(t) for t in targets} if args.sweep else None,
+        bitsandbytes=bnb, speed_model=model,
+        speed_model_note="Static: Llama-2-7B step = max(issue, memory); issue = params x SASS instructions per element "
+                         "/ 32 / (SMs x 4 x boost clock), memory = params x bytes per param / bandwidth.",
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
     )
     if args.out:
@@ -268,6 +335,17 @@ def main(argv=None):
         print(f"{r['target']:7} {r['bits']:4d} {r['dtype']:5} {flags + (' aligned' if r['aligned'] else ' general'):22} {r['registers']:4d} "
               f"{r['spill_bytes']:5d} {occ:>5} {r['scalar_8_16_bit_global_ops']:6d} {r['bytes_per_param']:7.2f}  "
               + " ".join(f"{k}:{n}" for k, n in r["global_memory_ops"].items()))
+    print()
+    print(f"{'GPU':17} {'who':12} {'bits':4} {'dtype':5} {'variant':18} {'instr/el':>8} {'budget':>6} {'issue ms':>8} "
+          f"{'memory ms':>9} {'predicted':>9} {'torch fused':>11}")
+    for m in model:
+        flags = "+".join(k for k in ("amsgrad", "stochastic", "ema") if m[k]) or "default"
+        print(f"{m['gpu']:17} {m['who']:12} {m['bits']:4d} {m['dtype']:5} {flags:18} {m['instructions_per_element']:8.1f} "
+              f"{m['budget_instructions_per_element']:6.1f} {m['issue_ms']:8.1f} {m['memory_ms']:9.1f} "
+              f"{m['predicted_ms']:7.1f} {m['bound'][0]} {m['torch_fused_fp32_state_ms']:11.1f}")
+    for arch, b in bnb.items():
+        if "skipped" in b:
+            print(f"bitsandbytes {arch}: skipped ({b['skipped']})")
     print("static figures (compiled, not run): no GPU timing is implied")
     return result
 

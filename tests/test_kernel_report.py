@@ -50,3 +50,65 @@ def test_bytes_per_param_and_floors(report):
     assert h100["gpu"].startswith("H100") and h100["llama2_7b_step_ms"] == pytest.approx(6_738_415_616 * 10.0625 / 3.35e12 * 1e3)
     assert h100["torch_fused_fp32_state_ms"] > 2 * h100["llama2_7b_step_ms"]  # 22 vs 10.06 bytes per parameter
     assert 0 < bf16["occupancy"] <= 1 and bf16["registers"] <= 255
+
+
+def test_sass_is_counted_per_element_for_every_nvidia_variant(report):
+    """The speed model's input: instructions disassembled from each cubin (hot path <= body <= with slow paths),
+    per element a thread handles; an empty parse fails here rather than reporting zero."""
+    nvidia = [v for v in report["variants"] if v["target"].startswith("sm_")]
+    assert nvidia
+    for v in nvidia:
+        s = v["sass"]
+        where = (v["target"], v["bits"], v["dtype"], v["aligned"])
+        assert 0 < s["hot"] <= s["main"] <= s["total"], where
+        assert s["elements_per_thread"] == v["elements_per_program"] / (v["num_warps"] * 32), where
+        assert s["hot_per_element"] == pytest.approx(s["hot"] / s["elements_per_thread"]), where
+        assert s["mufu"] > 0, where  # the step's square root at least: a parse that found instructions but not these is wrong
+
+
+def test_the_speed_model_is_max_of_issue_and_memory_beside_torch_fused(report):
+    model = report["speed_model"]
+    assert "Static" in report["speed_model_note"]
+    gpus = {m["gpu"] for m in model}
+    assert gpus == {"H100 SXM", "A100 80GB SXM", "RTX 4090", "RTX 4060 Ti 16GB"}
+    for m in model:
+        assert m["predicted_ms"] == max(m["issue_ms"], m["memory_ms"])
+        assert m["bound"] == ("issue" if m["issue_ms"] > m["memory_ms"] else "memory")
+        # the budget is the instruction count at which issuing takes exactly as long as the memory
+        assert m["issue_ms"] / m["memory_ms"] == pytest.approx(m["instructions_per_element"] / m["budget_instructions_per_element"])
+    h100 = next(m for m in model if m["gpu"] == "H100 SXM" and m["who"] == "lowbit-adamw" and m["bits"] == 8 and m["dtype"] == "bf16")
+    # 6.74e9 params x 10.06 B / 3.35 TB/s, and the issue rate 132 SMs x 4 x 1.98 GHz warp instructions per second
+    assert h100["memory_ms"] == pytest.approx(6_738_415_616 * 10.0625 / 3.35e12 * 1e3)
+    assert h100["budget_instructions_per_element"] == pytest.approx(10.0625 / 3.35e12 * 132 * 4 * 1.98e9 * 32)
+    bnb = report["bitsandbytes"]
+    if "skipped" in bnb["sm_90"]:
+        pytest.skip(f"bitsandbytes' kernel: {bnb['sm_90']['skipped']}")
+    assert bnb["sm_90"]["loop_body"] > 100  # decode, update, encode and the binary searches of its tree maps
+    row = next(m for m in model if m["gpu"] == "H100 SXM" and m["who"] == "bitsandbytes")
+    assert row["bytes_per_param"] == h100["bytes_per_param"] and row["instructions_per_element"] == bnb["sm_90"]["loop_body"]
+
+
+def test_the_sass_parser_counts_the_hot_path_around_slow_path_calls(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import sass as kr
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                  /* 0x00000a00ff017b82 */
+        /*0010*/                   MUFU.RSQ R2, R3 ;
+        /*0020*/              @!P0 BRA 0x60 ;
+        /*0030*/                   MOV R4, R2 ;
+        /*0040*/                   CALL.REL.NOINC 0xa0 ;
+        /*0050*/                   BRA 0x70 ;
+        /*0060*/                   FMUL R5, R2, R2 ;
+        /*0070*/                   STG.E desc[UR4][R6.64], R5 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+        /*00a0*/                   FADD R2, R2, R4 ;
+        /*00b0*/                   RET.REL.NODEC R8 0x0 ;
+        /*00c0*/                   NOP;
+    """
+    counts = kr.sass_counts(kr.parse_sass(sass))
+    assert counts == dict(total=11, main=9, hot=6, calls=1, branches=2, mufu=1)
+    loop = kr.parse_sass(sass.replace("BRA 0x70 ;", "BRA 0x10 ;"))
+    assert kr.loop_body_count(loop) == 5  # 0x10 .. 0x50
+    with pytest.raises(ValueError, match="no SASS instructions"):
+        kr.sass_counts(kr.parse_sass("code for sm_90\n"))
