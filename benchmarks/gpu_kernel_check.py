@@ -22,7 +22,7 @@ import torch
 from benchlib import machine, step_bytes_per_param
 from lowbit_adamw import StepScalars, adamw8bit_step
 from lowbit_adamw import format as fmt
-from lowbit_adamw import kernel_launch
+from lowbit_adamw.step import kernel_launch
 
 LLAMA7B = dict(vocab=32000, dim=4096, ffn=11008)
 

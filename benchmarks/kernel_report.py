@@ -40,7 +40,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from lowbit_adamw import format as fmt  # noqa: E402
-from lowbit_adamw import kernel_launch  # noqa: E402
+from lowbit_adamw.step import kernel_launch  # noqa: E402
 from lowbit_adamw.kernels import adamw8bit_kernel, variant_constexprs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@
 
 Pure Triton over tensors and scalars; the state format is ``lowbit_adamw.format`` (v4: 8-bit codes, or
 4-bit codes packed two per byte, chosen by the ``BITS`` constexpr) and the update
-is the one written in ``lowbit_adamw.step_spec``. Nothing here knows about optimizers.
+is the one written in ``lowbit_adamw.format.step_spec``. Nothing here knows about optimizers.
 
 How a bucket becomes one launch
 -------------------------------
@@ -14,7 +14,7 @@ casting integers to pointers. A program owns ``BPP`` consecutive quantization bl
 tensors. It finds its tensor by a binary search over ``prog_start`` (cumulative program counts per
 tensor; T+1 int32), so the only per-launch tables are O(number of tensors), not O(programs).
 
-Tables (built and cached by ``lowbit_adamw.kernel_launch``):
+Tables (built and cached by ``lowbit_adamw.step.kernel_launch``):
   ``tensor_table``  int64 [T, 10]: offsets of p, m codes, m absmax, v codes, v absmax, vmax codes,
                     vmax absmax, numel, the EMA buffer (fp32), and the tensor's slot in ``bad_blocks``.
                     Changes only when a tensor is reallocated.
@@ -24,11 +24,11 @@ Tables (built and cached by ``lowbit_adamw.kernel_launch``):
                     (0 on a tensor's first step, so the average starts at the weights) and of
                     1 - momentum (rounded once on the host, as the PyTorch paths do), the
                     tensor's stochastic-rounding key, and its v dither: key, Weyl offset, and 1 if
-                    on (0: u = 1/2) (``lowbit_adamw.rng``), and the index of the tensor's first
+                    on (0: u = 1/2) (``lowbit_adamw.format.rng``), and the index of the tensor's first
                     element in its whole parameter (a shard's offset; the random numbers' index).
                     Uploaded each step.
 
-Arithmetic follows ``lowbit_adamw.step_spec`` exactly: IEEE division and square root (``div_rn``,
+Arithmetic follows ``lowbit_adamw.format.step_spec`` exactly: IEEE division and square root (``div_rn``,
 ``sqrt_rn``) and no FMA contraction (the launch passes ``enable_fp_fusion=False``), so the GPU gives the
 bits the PyTorch paths give. A block whose gradient holds NaN/Inf stores nothing (``SKIP_NONFINITE``)
 and is counted in ``bad_blocks``: no second pass over the gradient, no host sync.
@@ -187,7 +187,7 @@ def _encode_v(v, a, valid, u, BITS: tl.constexpr):
 
 @triton.jit
 def _mix32(x):
-    # lowbit_adamw.rng.mix32 on uint32 (multiplies wrap mod 2**32)
+    # lowbit_adamw.format.rng.mix32 on uint32 (multiplies wrap mod 2**32)
     x = x ^ (x >> 16)
     x = x * tl.full(x.shape, 0x21F0AAAD, tl.uint32)
     x = x ^ (x >> 15)
@@ -198,7 +198,7 @@ def _mix32(x):
 @triton.jit
 def _stochastic_round(x, key, idx, OUT_DTYPE: tl.constexpr):
     # Round toward zero to the 16-bit dtype, then one unit away from zero when the counter-based
-    # uniform of (key, element index) is below the fraction of the gap: lowbit_adamw.functional.stochastic_round_.
+    # uniform of (key, element index) is below the fraction of the gap: lowbit_adamw.step.functional.stochastic_round_.
     nearest = x.to(OUT_DTYPE)
     bits = nearest.to(tl.int16, bitcast=True)
     away = tl.abs(nearest.to(tl.float32)) > tl.abs(x)
@@ -340,7 +340,7 @@ def adamw8bit_kernel(
                      BPP, BLOCK, BITS)
         tl.store(ma_base + ma_off + blocks, sm, mask=bmask)
 
-        # encode v (8 bits: map A or B, zero-point guard; 4 bits: zero-free linear), dithered (lowbit_adamw.rng)
+        # encode v (8 bits: map A or B, zero-point guard; 4 bits: zero-free linear), dithered (lowbit_adamw.format.rng)
         h = _mix32((idx + tl.load(step_row + 11)).to(tl.uint32) ^ tl.load(step_row + 8).to(tl.uint32)) + tl.load(step_row + 9).to(tl.uint32)
         u = tl.where(tl.load(step_row + 10) != 0, (h >> 8).to(tl.float32) * (1.0 / 16777216.0), 0.5)
         av = _scale_magnitude(tl.max(v, axis=1))

@@ -1,25 +1,25 @@
 """``AdamW8bit``: a drop-in ``torch.optim.AdamW`` whose moments are 8-bit (or 4-bit) blockwise codes.
 
 The class coordinates, as torch's ``adamw.py`` does: it owns the param groups and the state and
-dispatches each bucket of tensors to one call of ``torch.ops.lowbit_adamw.step_`` (``lowbit_adamw.ops``).
-The other concerns live in their own modules: the update in ``step_spec`` and ``functional``, checks
-of the user's input in ``validation``, the form and place of each parameter's state in ``placement``,
-memory order in ``layout``, clipping norms in ``clipping``, the state dict and its format versions in
-``checkpoint``, the step inside backward in ``in_backward``, state in host memory in ``offload`` (the
-pipeline) and ``offload_step`` (the buckets into it), non-finite reports in ``nonfinite``,
-bitsandbytes' calling conventions in ``bnb_compat``.
+dispatches each bucket of tensors to one call of ``torch.ops.lowbit_adamw.step_`` (``lowbit_adamw.step.ops``).
+The other concerns live in their own modules, a layer each (``lowbit_adamw``'s docstring draws them):
+the update in ``format.step_spec`` and ``step.functional``, memory order in ``format.layout``, clipping
+norms in ``step.clipping``; checks of the user's input in ``optim.validation``, the form and place of each
+parameter's state in ``optim.placement``, the state dict and its format versions in ``optim.checkpoint``,
+the step inside backward in ``optim.in_backward``, non-finite reports in ``optim.nonfinite``,
+bitsandbytes' calling conventions in ``optim.bnb_compat``; state in host memory in ``offload`` (the
+pipeline and the buckets into it); another optimizer's state dict converted on load by ``migrate``.
 
 A step has two phases. First everything is computed and checked without writing anything: every
 group's hyper-parameters (a callable ``lr`` is called here, and NaN or negative values are refused
 naming the group), the gradients (sparse, dtype, shape), ``nonfinite="raise"``'s check, state for new
 parameters, the clipping multipliers. Then the buckets run; each is one op call that defers
-``KeyboardInterrupt`` until its writes are done. An exception in the first phase leaves every
+signal handlers (``KeyboardInterrupt``) until its writes are done. An exception in the first phase leaves every
 parameter and state tensor as it was.
 """
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import weakref
 from collections import defaultdict
@@ -28,15 +28,17 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import bnb_compat, checkpoint, clipping, layout, ops, placement, sharding, validation
 from . import format as fmt
-from .in_backward import InBackward, check_single_device
-from .nonfinite import NonfiniteReporter
-from .offload_step import OffloadSteps
-from .placement import QUANTIZABLE_DTYPES
-from .step_spec import NONFINITE_MODES as _NONFINITE
+from . import migrate
+from .format import layout, sharding
+from .migrate import convert
+from .offload.steps import OffloadSteps
+from .optim import bnb_compat, checkpoint, placement, validation
+from .optim.in_backward import InBackward, check_single_device
+from .optim.nonfinite import NonfiniteReporter
+from .optim.placement import QUANTIZABLE_DTYPES
+from .step import clipping, ops
 
-_BACKENDS = ("auto", "torch", "compiled", "cpp", "triton")
 SUPPORTED_DTYPES = QUANTIZABLE_DTYPES + (torch.float64, torch.complex128)
 # Attributes a copy of the optimizer (deepcopy, pickle, torch.save) must carry besides torch's
 # defaults/state/param_groups; the rest is rebuilt by _init_runtime.
@@ -57,7 +59,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     bitsandbytes' calls: a 7th to 9th positional argument is bitsandbytes' ``optim_bits``, ``args``,
     ``min_8bit_size``; ``optim_bits``, ``is_paged``, ``percentile_clipping``, ``block_wise``, ``max_unorm``,
-    ``skip_zeros`` are taken by name, and ``GlobalOptimManager`` overrides are honoured (``lowbit_adamw.bnb_compat``).
+    ``skip_zeros`` are taken by name, and ``GlobalOptimManager`` overrides are honoured (``lowbit_adamw.optim.bnb_compat``).
 
     Keyword-only:
         bits: width of the moment codes, 8 (default, 2.03 bytes of state per parameter) or 4 (1.06 bytes;
@@ -67,7 +69,7 @@ class AdamW8bit(torch.optim.Optimizer):
         min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
         bias_correction: apply Adam's bias correction (MLX calls it ``bias_correction``; default True).
         stochastic_rounding: write 16-bit parameters with stochastic rounding (default False), from
-            counter-based random numbers (``lowbit_adamw.rng``) that every backend computes alike.
+            counter-based random numbers (``lowbit_adamw.format.rng``) that every backend computes alike.
         seed: the seed of those numbers (default: ``torch.initial_seed()``, so ``torch.manual_seed``
             makes runs repeatable without drawing from torch's generator); saved in the state dict.
         backend: ``"auto"`` (Triton for CUDA tensors when available; on the CPU the C++ step, built at
@@ -87,14 +89,14 @@ class AdamW8bit(torch.optim.Optimizer):
         clip_value, clip_norm, max_grad_norm, loss_scale, accumulation_steps, ema_decay,
         ema_overwrite_frequency: see the README (Keras/MLX options).
         step_in_backward: update each parameter during ``backward()``, as soon as its gradient is
-            complete, and free the gradient right away (``lowbit_adamw.in_backward``). Single device
+            complete, and free the gradient right away (``lowbit_adamw.optim.in_backward``). Single device
             only; ``max_grad_norm`` and ``accumulation_steps > 1`` are refused (they need all gradients
             at once), and so is GradScaler, at its first step.
         step_in_backward_bucket_mb: gradient megabytes that trigger a bucket's step (default 64); also
             the size of the buckets an offloaded step moves to the host at a time.
         offload: ``None`` (default) or ``"cpu"``: the state of CUDA parameters lives in host memory and
             the C++ step runs there, overlapped with backward under ``step_in_backward``
-            (``lowbit_adamw.offload``). Per param group too. With ``step_in_backward``, ``max_grad_norm``
+            (``lowbit_adamw.offload.pipeline``). Per param group too. With ``step_in_backward``, ``max_grad_norm``
             is allowed here: the gradients go down during backward and the CPU steps wait for its end.
             CPU parameters go through the same pipeline with the CPU standing in for the device.
 
@@ -147,51 +149,15 @@ class AdamW8bit(torch.optim.Optimizer):
         max_unorm: float = 0.0,
         skip_zeros: bool = False,
     ):
-        if bnb_positional:
-            extra = bnb_compat.positional_kwargs(bnb_positional)
-            optim_bits = extra.get("optim_bits", optim_bits)
-            args = extra.get("args", args)
-            min_8bit_size = extra.get("min_8bit_size", min_8bit_size)
-        all_fp32 = bnb_compat.check_options(optim_bits, args, percentile_clipping, block_wise, is_paged, max_unorm, skip_zeros)
-        if differentiable:
-            raise ValueError("differentiable=True is not supported: quantizing the moments is not differentiable. Use "
-                             "torch.optim.AdamW(differentiable=True) to differentiate through the step")
-        if capturable:
-            raise ValueError("capturable=True is not supported: the step uploads per-step tables from the host, which a "
-                             "CUDA graph would replay stale. torch.compile(opt.step, fullgraph=True) traces it as one op "
-                             "per bucket; leave capturable=False")
-        if not decoupled_weight_decay:
-            raise ValueError("decoupled_weight_decay=False (Adam's L2 penalty) is not supported: AdamW8bit is AdamW")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        backend = backend or os.environ.get("LOWBIT_ADAMW_BACKEND", "auto")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        validation.check_int("accumulation_steps", accumulation_steps, 1)
-        validation.check_int("min_8bit_size", min_8bit_size, 0)
-        if max_grad_norm is not None:
-            validation.check_scalar("max_grad_norm", max_grad_norm, 0.0)
-        if ema_decay is not None:
-            validation.check_scalar("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
-        if ema_overwrite_frequency is not None and (ema_decay is None or not isinstance(ema_overwrite_frequency, int)
-                                                    or isinstance(ema_overwrite_frequency, bool) or ema_overwrite_frequency < 1):
-            raise ValueError("ema_overwrite_frequency needs ema_decay and must be an int >= 1")
-        if seed is not None:
-            validation.check_int("seed", seed, 0)
-        # inf: one bucket, stepped at the end of backward
-        bucket_mb = validation.check_scalar("step_in_backward_bucket_mb", step_in_backward_bucket_mb, 0.0, allow_inf=True)
-        if step_in_backward:
-            if bucket_mb <= 0:
-                raise ValueError(f"step_in_backward_bucket_mb must be > 0, got {step_in_backward_bucket_mb!r}")
-            if max_grad_norm is not None and offload != "cpu":
-                raise ValueError("step_in_backward=True cannot apply max_grad_norm: a global norm needs every gradient "
-                                 "before the first update. Use clip_norm (per tensor) or clip_value, or step_in_backward=False "
-                                 "(or offload='cpu', whose CPU steps can wait for the end of backward)")
-            if accumulation_steps > 1:
-                raise ValueError("step_in_backward=True updates in every backward, so it cannot accumulate gradients "
-                                 "(accumulation_steps > 1): use a larger batch, or step_in_backward=False")
+        opts = validation.constructor_options(
+            bnb_positional, optim_bits=optim_bits, args=args, min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping, block_wise=block_wise, is_paged=is_paged, max_unorm=max_unorm,
+            skip_zeros=skip_zeros, differentiable=differentiable, capturable=capturable,
+            decoupled_weight_decay=decoupled_weight_decay, fused=fused, foreach=foreach, backend=backend, nonfinite=nonfinite,
+            accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
+            ema_overwrite_frequency=ema_overwrite_frequency, seed=seed, step_in_backward=step_in_backward,
+            step_in_backward_bucket_mb=step_in_backward_bucket_mb, offload=offload)
+        min_8bit_size, all_fp32, backend, bucket_mb = (opts[k] for k in ("min_8bit_size", "all_fp32", "backend", "bucket_mb"))
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
             capturable=False, differentiable=False, fused=fused, decoupled_weight_decay=True,
@@ -227,7 +193,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         """What a copy of the optimizer rebuilds instead of copying: caches, hooks, pending buckets."""
-        self._cache_ids: dict = {}  # (group index, device, dtype) -> id of its Triton plan cache (lowbit_adamw.ops)
+        self._cache_ids: dict = {}  # (group index, device, dtype) -> id of its Triton plan cache (lowbit_adamw.step.ops)
         self._resolved_backends: dict = {}  # device -> the backend "auto" (or the choice) means there
         weakref.finalize(self, ops.drop_plan_caches, self._cache_ids.values())
         self._in_backward = InBackward(self._step_in_backward_params, getattr(self, "_bucket_bytes", 64 << 20),
@@ -236,7 +202,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._has_dtensors = True  # any DTensor parameter (set at each step; state lists unwrap them only then)
         self._label_cache: dict = {}  # id(group) -> (its params list, length, names, labels): see _labels_of
         self._position_cache: dict = {}  # id(group) -> (ids of its params, param -> positions): see _positions
-        self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload_step)
+        self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload.steps)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
 
@@ -266,7 +232,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 for p in group["params"]:
                     self._in_backward.attach(p)
 
-    # ---- groups and validation (lowbit_adamw.validation) -------------------------------------------
+    # ---- groups and validation (lowbit_adamw.optim.validation) -------------------------------------------
 
     _validate_group = staticmethod(validation.validate_group)
     _label = staticmethod(validation.label)
@@ -361,12 +327,12 @@ class AdamW8bit(torch.optim.Optimizer):
         if self.backend != "auto":
             return self.backend
         if device.type == "cpu":
-            from .cpu_kernel import available
-            from .functional import compiled_available
+            from .step.cpu_kernel import available
+            from .step.functional import compiled_available
 
             return "cpp" if available() else "compiled" if compiled_available() else "torch"
         if device.type == "cuda":
-            from .kernel_launch import triton_available
+            from .step.kernel_launch import triton_available
 
             if triton_available():
                 return "triton"
@@ -416,7 +382,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _step_scalars(self, group: dict):
         """The group's hyper-parameters for this step as a ``StepScalars`` (what the backends take)."""
-        from .step_spec import StepScalars
+        from .format.step_spec import StepScalars
 
         sc = self._group_scalars(self._group_index(group), group)
         lr_tensor = sc.pop("lr_tensor")
@@ -639,13 +605,13 @@ class AdamW8bit(torch.optim.Optimizer):
         return (counts, tuple(entries[i][3] for i in sel), int(group["block_size"]) if quantized else None,
                 (gi, str(ps[0].device)), [entries[i][6] for i in sel])
 
-    # ---- offload (lowbit_adamw.offload) -----------------------------------------------------------
+    # ---- offload (lowbit_adamw.offload.pipeline) -----------------------------------------------------------
 
     def _clips(self) -> bool:
         return self.max_grad_norm is not None or any(g.get("clip_norm") is not None for g in self.param_groups)
 
     def _clip_multipliers(self, entries, base_mul: float) -> torch.Tensor:
-        """The device multiplier of every entry (``lowbit_adamw.clipping``, through ``ops.clip_multipliers``)."""
+        """The device multiplier of every entry (``lowbit_adamw.step.clipping``, through ``ops.clip_multipliers``)."""
         flat, params, quantized, blocks, host, clip_norms = self._clip_inputs(entries, base_mul)
         if any(sharding.is_dtensor(p) for p in params):  # the norms all-reduce over the mesh: not inside an op
             dev = flat[0].device
@@ -733,7 +699,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def state_dict(self) -> dict:
-        """torch's state dict plus ``lowbit_adamw.checkpoint``'s entries; torch's state_dict post-hooks
+        """torch's state dict plus ``lowbit_adamw.optim.checkpoint``'s entries; torch's state_dict post-hooks
         see the whole of it."""
         self._offload.drain()
         self._reporter.report(wait=True)
@@ -752,7 +718,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict saved by ``state_dict()`` (``lowbit_adamw.checkpoint``: every value is
+        """Load a state dict saved by ``state_dict()`` (``lowbit_adamw.optim.checkpoint``: every value is
         checked before anything is replaced). torch's load_state_dict pre- and post-hooks run. Unlike
         torch's, nothing is cast: codes stay uint8 and scales fp32 whatever the parameter dtype;
         tensors move to the parameter's device and ``step`` is a float32 CPU tensor."""
@@ -761,6 +727,12 @@ class AdamW8bit(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        checkpoint.load_state_dict(self, state_dict)
+        if checkpoint.saved_meta(state_dict) is None:  # another optimizer's: converted (lowbit_adamw.migrate)
+            torch_form, what = migrate.to_torch_form(state_dict)  # refuses a state dict it does not know
+            checkpoint.load_state_dict(self, convert.from_torch_adamw(self, torch_form))
+            warnings.warn(f"AdamW8bit.load_state_dict converted {what} (a one-time rounding to this optimizer's "
+                          f"{self.defaults['bits']}-bit state)", stacklevel=2)
+        else:
+            checkpoint.load_state_dict(self, state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

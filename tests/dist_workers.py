@@ -72,7 +72,7 @@ def train_steps(model, opt, steps, rank, world, skip=0):
 
 def full_state(model, opt):
     """name -> dequantized moments and the parameter, gathered to full tensors (a collective)."""
-    from lowbit_adamw.sharding import is_dtensor
+    from lowbit_adamw.format.sharding import is_dtensor
 
     out = {}
     for (name, p), group_p in zip(model.named_parameters(), opt.param_groups[0]["params"]):
@@ -182,7 +182,7 @@ def nonfinite_on_one_rank(rank, world, port, out_dir):
     # The 8-bit rule for sharded parameters: rows must be whole blocks (100 is not a multiple of 64).
     from torch.distributed.fsdp import fully_shard
 
-    from lowbit_adamw.sharding import is_dtensor
+    from lowbit_adamw.format.sharding import is_dtensor
 
     odd, even = torch.nn.Linear(100, 41, bias=False), torch.nn.Linear(128, 41, bias=False)
     kinds = {}

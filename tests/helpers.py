@@ -29,11 +29,11 @@ def train(model, opt, steps, seq_len=32, seed=0):
 def backends(cpu=("torch", "compiled")):
     """The backends this machine can run: the CPU ones asked for (the compiled one only with a working
     torch.compile), then Triton (on a GPU, or under the interpreter)."""
-    from lowbit_adamw import functional as F
+    from lowbit_adamw.step import functional as F
 
     out = [b for b in cpu if b != "compiled" or F.compiled_available()]
     try:
-        from lowbit_adamw.kernel_launch import triton_available
+        from lowbit_adamw.step.kernel_launch import triton_available
 
         if triton_available():
             out.append("triton")
@@ -54,7 +54,7 @@ def dequantized(opt, p, name):
 
 
 # ---- backend against the eager oracle --------------------------------------------------------------
-# The three backends follow one spec to the bit (lowbit_adamw.step_spec), so on the CPU they agree
+# The three backends follow one spec to the bit (lowbit_adamw.format.step_spec), so on the CPU they agree
 # exactly. The comparison below is the principled bound that also holds where a platform's division
 # or square root is off by an ulp: a code may differ only where the oracle's pre-rounding companded
 # value sits within a few fp32 ulps of a rounding boundary, and then by one; nowhere else.
@@ -73,8 +73,8 @@ def oracle_moments(param, grad, state, sc, block_size, grad_mul=1.0, bits=8):
     """The fp32 moments (name -> flat tensor) the eager step encodes, from the state *before* the step
     (state["step"] already incremented), computed on copies with the oracle's own functions."""
     from lowbit_adamw import format as fmt
-    from lowbit_adamw import functional as F
-    from lowbit_adamw.step_spec import state_names
+    from lowbit_adamw.step import functional as F
+    from lowbit_adamw.format.step_spec import state_names
 
     names = state_names(sc.amsgrad)
     values = {n: fmt.dequantize_blockwise(state[n + "_codes"], state[n + "_absmax"], fmt.is_signed(n), block_size, bits=bits,

@@ -58,7 +58,7 @@ def decoded(opt, p):
 def test_v_does_not_drift_over_3000_steps_of_stationary_noise(bits, monkeypatch):
     """Rounding v to nearest ratchets it upward (a step changes v by about 0.1%, less than half a code:
     only large upward moves survive); the dither keeps it unbiased. Nearest rounding is the control."""
-    from lowbit_adamw import ops
+    from lowbit_adamw.step import ops
 
     n = 16 * 1024
     gen = torch.Generator().manual_seed(1)

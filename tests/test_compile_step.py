@@ -101,7 +101,7 @@ def test_nonfinite_counts_of_a_compiled_step_are_reported_at_the_next_eager_call
 
 
 def test_fullgraph_compile_under_the_triton_interpreter():
-    from lowbit_adamw.kernel_launch import triton_available
+    from lowbit_adamw.step.kernel_launch import triton_available
 
     if not triton_available():
         pytest.skip("needs Triton's interpreter or a GPU")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit_adamw import AdamW8bit
-from lowbit_adamw import functional as F
+from lowbit_adamw.step import functional as F
 from helpers import assert_codes_match, assert_params_within_ulp, oracle_moments
 
 pytestmark = pytest.mark.skipif(not F.compiled_available(), reason="torch.compile has no C++ compiler here")
@@ -78,7 +78,7 @@ def test_compiled_and_eager_give_the_same_bits(dtype, bits):
 
 
 def test_auto_backend_uses_the_compiled_step_on_cpu_without_the_cpp_step(monkeypatch):
-    from lowbit_adamw import cpu_kernel
+    from lowbit_adamw.step import cpu_kernel
 
     monkeypatch.setitem(cpu_kernel._lib, "lib", None)
     opt = AdamW8bit([torch.nn.Parameter(torch.randn(8192))])
@@ -88,7 +88,7 @@ def test_auto_backend_uses_the_compiled_step_on_cpu_without_the_cpp_step(monkeyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_is_compiled_and_gives_the_eager_bits(dtype, monkeypatch):
-    """The compiled step draws the same counter-based numbers (lowbit_adamw.rng) as the eager one."""
+    """The compiled step draws the same counter-based numbers (lowbit_adamw.format.rng) as the eager one."""
     called = []
     real = F._compiled_spans
     monkeypatch.setattr(F, "_compiled_spans", lambda *a, **k: called.append(1) or real(*a, **k))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit_adamw import AdamW8bit
-from lowbit_adamw import cpu_kernel
+from lowbit_adamw.step import cpu_kernel
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler here")
 
@@ -89,7 +89,7 @@ def test_fp16_takes_the_compiled_step(monkeypatch):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bf16_stochastic_rounding_in_the_cpp_step_gives_the_eager_bits(bits, monkeypatch):
-    """The counter-based random numbers (lowbit_adamw.rng) are the same in C++ and in the eager step."""
+    """The counter-based random numbers (lowbit_adamw.format.rng) are the same in C++ and in the eager step."""
     eager, cpp = twins(torch.bfloat16, stochastic_rounding=True, bits=bits, lr=3e-4)
     calls = []
     real = cpu_kernel.cpu_step
@@ -183,7 +183,7 @@ def test_cpp_step_without_the_v_dither_gives_the_eager_bits_in_both_v_maps(bits,
     # v_dithers=None (the functional API's default: u = 1/2) has its own loops in the C++ encode, one
     # per 8-bit v map; the first half of each gradient is flat (|g| in [0.8, 1]: every block's v within
     # a factor of 2 of its largest, map B), the rest Gaussian (map A).
-    from lowbit_adamw import ops
+    from lowbit_adamw.step import ops
 
     real = ops.adamw8bit_step
     monkeypatch.setattr(ops, "adamw8bit_step", lambda *a, **k: real(*a, **dict(k, v_dithers=None)))

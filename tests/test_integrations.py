@@ -50,7 +50,7 @@ def llama():
 def test_cls_and_kwargs_follow_training_args_and_trainer_groups(tmp_path):
     from transformers import Trainer
 
-    from lowbit_adamw import placement
+    from lowbit_adamw.optim import placement
 
     from lowbit_adamw.integrations.transformers import optimizer_cls_and_kwargs
 

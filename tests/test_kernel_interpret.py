@@ -1,6 +1,6 @@
 """The Triton kernel (under TRITON_INTERPRET=1 on CPU, compiled on GPU) against the PyTorch step.
 
-Both follow lowbit_adamw.step_spec to the bit (one rounded op at a time, IEEE division and square
+Both follow lowbit_adamw.format.step_spec to the bit (one rounded op at a time, IEEE division and square
 root), so under the interpreter they agree exactly. The assertions use the principled bound of
 tests/helpers.py, which also holds on a GPU: codes may differ only next to a rounding boundary of the
 oracle's own companded value, parameters by at most one ulp of their dtype.
@@ -10,9 +10,9 @@ import torch
 
 from lowbit_adamw import StepScalars, adamw8bit_step
 from lowbit_adamw import format as fmt
-from lowbit_adamw.step_spec import state_names
+from lowbit_adamw.format.step_spec import state_names
 from helpers import assert_codes_match, assert_params_within_ulp, oracle_moments
-from lowbit_adamw.kernel_launch import triton_available
+from lowbit_adamw.step.kernel_launch import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 
@@ -83,7 +83,7 @@ def test_kernel_matches_torch_step(dtype, flags, variant, bits):
             s["step"] += 1
         adamw8bit_step(pa, ga, sa, sc, block_size=block, backend="torch", bits=bits)
         if variant == "general":
-            from lowbit_adamw.kernel_launch import triton_step_8bit
+            from lowbit_adamw.step.kernel_launch import triton_step_8bit
 
             triton_step_8bit(pb, gb, sb, sc, block_size=block, blocks_per_program=BPP, force_general=True, bits=bits)
         else:
@@ -101,7 +101,7 @@ def test_kernel_matches_torch_step(dtype, flags, variant, bits):
 
 
 def test_aligned_and_general_variants_give_the_same_bits():
-    from lowbit_adamw import kernel_launch as KL
+    from lowbit_adamw.step import kernel_launch as KL
 
     sc = StepScalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     sizes = [16 * 100, 64 * 7, 4096]
@@ -119,7 +119,7 @@ def test_aligned_and_general_variants_give_the_same_bits():
 
 
 def test_views_at_odd_offsets_go_to_the_general_variant(monkeypatch):
-    from lowbit_adamw import kernel_launch as KL
+    from lowbit_adamw.step import kernel_launch as KL
 
     launched = []
     import lowbit_adamw.kernels as K
@@ -143,7 +143,7 @@ def test_views_at_odd_offsets_go_to_the_general_variant(monkeypatch):
 
 
 def test_skip_flags_leave_tensors_untouched():
-    from lowbit_adamw.kernel_launch import triton_step_8bit
+    from lowbit_adamw.step.kernel_launch import triton_step_8bit
 
     sc = StepScalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     params, grads, states = make_bucket([300, 500, 700], torch.float32, False, 64)
@@ -171,9 +171,9 @@ def test_plan_is_cached_and_rebuilt_when_a_tensor_moves():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_stochastic_rounding(dtype):
-    """The kernel draws lowbit_adamw.rng's counter-based numbers: the eager step's bits exactly, and
+    """The kernel draws lowbit_adamw.format.rng's counter-based numbers: the eager step's bits exactly, and
     stochastic rounding follows fp32 on average where round-to-nearest would never move."""
-    from lowbit_adamw import rng
+    from lowbit_adamw.format import rng
 
     n = 20000
     sc = StepScalars(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, stochastic_rounding=True)
@@ -199,7 +199,7 @@ def test_kernel_stochastic_rounding(dtype):
         assert torch.equal(p.cpu(), p_eager)
     # round-to-nearest would never move from 1.0; stochastic rounding follows fp32 on average
     assert abs(p.float().mean().item() - ref.mean().item()) < 2e-4
-    from lowbit_adamw.functional import _toward_zero
+    from lowbit_adamw.step.functional import _toward_zero
 
     lo = _toward_zero(ref, dtype)
     hi = (lo.view(torch.int16) + 1).view(dtype)
@@ -219,7 +219,7 @@ def test_optimizer_uses_kernel_when_forced():
         oa.step()
         ob.step()
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    from lowbit_adamw import ops
+    from lowbit_adamw.step import ops
 
     assert [len(ops.plan_cache(i)) for i in ob._cache_ids.values()] == [1]  # one plan, built once
 
@@ -230,7 +230,7 @@ def test_every_bucket_launches_under_its_own_device(monkeypatch):
     import contextlib
 
     from lowbit_adamw import AdamW8bit
-    from lowbit_adamw import kernel_launch as KL
+    from lowbit_adamw.step import kernel_launch as KL
     import lowbit_adamw.kernels as K
 
     events = []
@@ -259,7 +259,7 @@ def test_every_bucket_launches_under_its_own_device(monkeypatch):
 
 
 def test_device_guard_names_the_bucket_device():
-    from lowbit_adamw.kernel_launch import device_guard
+    from lowbit_adamw.step.kernel_launch import device_guard
 
     g = device_guard(torch.device("cuda", 1))
     assert isinstance(g, torch.cuda.device) and g.idx == 1  # entered only on a GPU machine
@@ -269,7 +269,7 @@ def test_device_guard_names_the_bucket_device():
 
 def test_tables_go_to_the_gpu_without_a_host_sync():
     # a plain .to(cuda) from pageable memory waits for the stream; pinned + non_blocking does not
-    from lowbit_adamw.kernel_launch import upload
+    from lowbit_adamw.step.kernel_launch import upload
 
     calls = []
 

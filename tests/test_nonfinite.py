@@ -1,4 +1,4 @@
-"""The default non-finite rule (lowbit_adamw.step_spec): a quantization block whose gradient holds NaN
+"""The default non-finite rule (lowbit_adamw.format.step_spec): a quantization block whose gradient holds NaN
 or Inf keeps its parameter values, codes, scale and EMA bit for bit, the rest of the tensor updates,
 inside the step's own pass on every backend, and a warning names the tensor."""
 import warnings
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lowbit_adamw import AdamW8bit
-from lowbit_adamw.kernel_launch import triton_available
+from lowbit_adamw.step.kernel_launch import triton_available
 
 N, BLOCK = 5000, 256  # 19 whole blocks and a short one
 BACKENDS = ["torch", "compiled", "cpp"] + (["triton"] if triton_available() else [])

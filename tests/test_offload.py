@@ -1,6 +1,6 @@
 """offload="cpu": state in host memory, the step on a worker thread, weights copied back.
 
-The CPU stands in for the device (lowbit_adamw.offload.StandInTransport): the same staging buffers,
+The CPU stands in for the device (lowbit_adamw.offload.pipeline.StandInTransport): the same staging buffers,
 host weight copies, worker thread and events as on a GPU, so the pipeline is held here to the
 on-device step bit for bit. tests/gpu and benchmarks/gpu_offload_check.py do the same on a GPU.
 """
@@ -12,7 +12,7 @@ import torch
 
 from helpers import data, tiny_model
 from lowbit_adamw import AdamW8bit
-from lowbit_adamw import offload as offloading
+from lowbit_adamw.offload.pipeline import pipeline as offloading
 
 CAP_MB = 0.03  # several buckets per backward (and several pieces per offloaded step) on the tiny model
 

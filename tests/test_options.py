@@ -33,7 +33,7 @@ def grad_stream(steps, scale=1.0):
 
 def assert_same(a, b):
     """The same bits: the option inside the step and the transformed gradient outside take the same
-    fp32 operations (lowbit_adamw.step_spec), on the same backend."""
+    fp32 operations (lowbit_adamw.format.step_spec), on the same backend."""
     for pa, pb in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
         assert torch.equal(pa, pb), (pa - pb).abs().max()
         for key, va in a.state[pa].items():
@@ -70,7 +70,7 @@ def test_loss_scale_divides_the_gradient(backend):
 
 
 def spec_norm(g, quantized=True, block=256):
-    """lowbit_adamw.clipping's norm, written out: per block, then over the blocks (fp32); a tensor in
+    """lowbit_adamw.step.clipping's norm, written out: per block, then over the blocks (fp32); a tensor in
     fp32 state (the 300-element one) as a whole."""
     g = g.reshape(-1).float()
     if not quantized:
@@ -276,6 +276,11 @@ def test_ema_state_dict_round_trip_and_copy_to_params():
     load_torch_adamw_state_dict(c, to_torch_adamw_state_dict(a))
     for pa, pc in zip(a.param_groups[0]["params"], c.param_groups[0]["params"]):
         assert torch.equal(a.state[pa]["ema"], c.state[pc]["ema"])
+    d = AdamW8bit(params(), min_8bit_size=1024, ema_decay=0.5)  # and through load_state_dict's converter
+    with pytest.warns(UserWarning, match="converted a torch.optim.AdamW state dict"):
+        d.load_state_dict(to_torch_adamw_state_dict(a))
+    for pa, pd in zip(a.param_groups[0]["params"], d.param_groups[0]["params"]):
+        assert torch.equal(a.state[pa]["ema"], d.state[pd]["ema"])
 
 
 def test_ema_overwrite_frequency_writes_the_average_into_the_weights():

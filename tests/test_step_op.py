@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowbit_adamw import AdamW8bit, ops
+from lowbit_adamw import AdamW8bit
+from lowbit_adamw.step import ops
 
 SIZES = (5000, 300, 7)  # two quantized tensors and one that keeps fp32 state (under min_8bit_size=64)
 

@@ -19,7 +19,7 @@ policy (``nn.Embedding`` weights keep fp32 state; ``embedding_fp32=False`` turns
 ``optim_args="block_size=128,min_8bit_size=0"``,
 or ``optim_args="step_in_backward=true"`` (with ``max_grad_norm=0`` and no gradient accumulation, which
 Trainer would otherwise apply to gradients that no longer exist: refused with a message), and
-``optim_args="offload=cpu"`` (state in host memory, the C++ step on the host: ``lowbit_adamw.offload``).
+``optim_args="offload=cpu"`` (state in host memory, the C++ step on the host: ``lowbit_adamw.offload.pipeline``).
 """
 from __future__ import annotations
 

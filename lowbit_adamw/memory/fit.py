@@ -28,7 +28,7 @@ CONFIGS = {
     "lowbit_4bit_sib": ("lowbit bits=4 + step in backward", "lowbit_4bit", True),
 }
 # Rows with optimizer state in host memory, added when the host's memory is given. Ours from our own
-# layout (lowbit_adamw.offload); the peers' from their published layouts:
+# layout (lowbit_adamw.offload.pipeline); the peers' from their published layouts:
 # - torchao's CPUOffloadOptimizer(offload_gradients=True): torch AdamW (fused) on the CPU over pinned
 #   host copies of the weights and gradients; its moments take the parameter's dtype (torch AdamW's
 #   zeros_like). The GPU keeps the weights and, gradients being moved out as each completes, about one
@@ -43,7 +43,7 @@ OFFLOAD_CONFIGS = {
     "deepspeed_offload": ("DeepSpeed ZeRO-Offload (published layout)", None, None),
 }
 DEEPSPEED_REDUCE_BUCKET_ELEMENTS = 500_000_000
-STAGING_BUFFERS = 2  # lowbit_adamw.offload: gradient staging buffers in flight
+STAGING_BUFFERS = 2  # lowbit_adamw.offload.pipeline: gradient staging buffers in flight
 
 
 def parse_size(text: str) -> int:

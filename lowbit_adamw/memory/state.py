@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..sharding import is_dtensor
+from ..format.sharding import is_dtensor
 from .catalog import OPTIMIZERS, STATE_KINDS
 
 
@@ -39,7 +39,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def _offloaded(optimizer: torch.optim.Optimizer) -> set[int]:
     """ids of the parameters whose state the optimizer keeps in host memory, away from their device:
-    AdamW8bit's ``offload="cpu"`` groups (lowbit_adamw.placement.state_device), on a CPU-only machine
+    AdamW8bit's ``offload="cpu"`` groups (lowbit_adamw.optim.placement.state_device), on a CPU-only machine
     too, where the CPU stands in for the device."""
     return {id(p) for group in optimizer.param_groups if group.get("offload") == "cpu" for p in group["params"]}
 
@@ -102,7 +102,7 @@ def estimate_state_bytes(name: str, specs: list[ParamSpec]) -> dict[str, int]:
     """Optimizer state the optimizer ``name`` (a key of ``OPTIMIZERS``) would hold for these parameters."""
     out = dict.fromkeys(STATE_KINDS, 0)
     if name.startswith("lowbit"):
-        from .. import placement
+        from ..optim import placement
         from ..optimizer import AdamW8bit
 
         kw = dict(amsgrad=name.endswith("amsgrad"), bits=4 if name.startswith("lowbit_4bit") else 8)

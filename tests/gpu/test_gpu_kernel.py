@@ -6,7 +6,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 from lowbit_adamw import AdamW8bit, StepScalars, adamw8bit_step  # noqa: E402
 from lowbit_adamw import format as fmt  # noqa: E402
-from lowbit_adamw.step_spec import state_names  # noqa: E402
+from lowbit_adamw.format.step_spec import state_names  # noqa: E402
 from helpers import assert_codes_match, assert_params_within_ulp, oracle_moments  # noqa: E402
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from . import format as fmt
-from . import sharding
+from .. import format as fmt
+from ..format import sharding
 
 
 def _block_norms(g: torch.Tensor, block_size: int, skip: bool) -> torch.Tensor:

@@ -10,9 +10,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import layout, sharding
-from . import format as fmt
-from .step_spec import state_names
+from .. import format as fmt
+from ..format import layout, sharding
+from ..format.step_spec import state_names
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 

@@ -5,11 +5,11 @@ import copy
 
 import torch
 
-from . import format as fmt
-from . import layout, placement
-from .checkpoint import META_KEY, ORDER_KEY
-from .placement import full_state_dtype
-from .migrate import TORCH_GROUP_KEYS, identify, lowbit_to_torch
+from .. import format as fmt
+from ..format import layout
+from ..optim import placement
+from ..optim.checkpoint import META_KEY, ORDER_KEY
+from . import TORCH_GROUP_KEYS, identify, lowbit_to_torch
 
 
 def to_torch_adamw_state_dict(optimizer) -> dict:
@@ -60,13 +60,13 @@ def from_torch_adamw(optimizer, torch_state_dict: dict) -> dict:
                 flat = layout.logical_to_flat(s[name].to(p.device), p)
                 codes, absmax = fmt.quantize_blockwise(flat, fmt.is_signed(name), g["block_size"], g["bits"])
                 out[name + "_codes"], out[name + "_absmax"] = codes, absmax
-            if layout.element_order(p) is not None:  # the codes follow p's storage order (lowbit_adamw.checkpoint)
+            if layout.element_order(p) is not None:  # the codes follow p's storage order (lowbit_adamw.optim.checkpoint)
                 out[ORDER_KEY] = torch.tensor(layout.element_order(p), dtype=torch.int64)
         else:
             for name in names:
-                out[name] = s[name].to(device=p.device, dtype=full_state_dtype(p)).reshape(p.shape).clone()
+                out[name] = s[name].to(device=p.device, dtype=placement.full_state_dtype(p)).reshape(p.shape).clone()
         if "ema" in s:
-            out["ema"] = s["ema"].to(device=p.device, dtype=full_state_dtype(p)).reshape(p.shape).clone()
+            out["ema"] = s["ema"].to(device=p.device, dtype=placement.full_state_dtype(p)).reshape(p.shape).clone()
         state[pid] = out
     new_sd = optimizer.state_dict()
     new_sd["state"], new_sd["param_groups"] = state, groups

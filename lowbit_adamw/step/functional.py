@@ -3,14 +3,14 @@
 ``adamw8bit_step`` takes a bucket of parameters (one device, one dtype) with their gradients and
 state dicts, and updates them in place. ``backend="torch"`` runs the chunked, vectorised PyTorch
 path below (eager; the test oracle); ``backend="cpp"`` runs every block of the bucket through one call
-of a small C++ library (``lowbit_adamw.cpu_kernel``: the fast CPU path, float32 and bfloat16 weights;
+of a small C++ library (``lowbit_adamw.step.cpu_kernel``: the fast CPU path, float32 and bfloat16 weights;
 other tensors go to the compiled path); ``backend="compiled"`` runs the same math as one
 ``torch.compile``d function over whole quantization blocks (inductor fuses decode, update and encode
 into one C++ loop nest), with the eager code for a tensor's last partial block;
 ``backend="triton"`` runs the fused Triton kernel (``lowbit_adamw.kernels``) for CUDA tensors, or
 on CPU tensors under ``TRITON_INTERPRET=1``.
 
-What each computes, to the bit, is written once in ``lowbit_adamw.step_spec``; the state format in
+What each computes, to the bit, is written once in ``lowbit_adamw.format.step_spec``; the state format in
 ``lowbit_adamw.format``. The eager path spells every operation out (no ``add(alpha=)``, ``addcmul``
 or ``addcdiv``, which ATen contracts into FMAs on AVX2/AVX-512 builds and not on others), so it gives
 the same bits on every CPU, and the same bits as the other two backends.
@@ -23,9 +23,9 @@ import math
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from . import format as fmt
-from . import rng
-from .step_spec import StepScalars, state_names
+from .. import format as fmt
+from ..format import rng
+from ..format.step_spec import StepScalars, state_names
 
 __all__ = ["StepScalars", "state_names", "adamw8bit_step", "fp32_state_step", "stochastic_round_"]
 
@@ -58,7 +58,7 @@ def _stochastic_pick(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> to
 
 def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, key: int, start: int = 0) -> None:
     """Write fp32 ``x`` (flat) into 16-bit ``dst`` with stochastic rounding (the rule above), with the
-    counter-based uniforms of ``lowbit_adamw.rng`` for elements ``start ..`` under ``key``."""
+    counter-based uniforms of ``lowbit_adamw.format.rng`` for elements ``start ..`` under ``key``."""
     dst.copy_(_stochastic_pick(x, dst.dtype, rng.uniform(key, start, x.numel(), x.device).view(x.shape)))
 
 
@@ -147,7 +147,7 @@ def _block_step(p, g, codes: list, absmax: list, k, amsgrad: bool, maximize: boo
                 bits: int = 8, sr_key=None, v_dither=None):
     """k = [1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, 1 / sqrt(bc2), grad
     multiplier, clip value, ema momentum, 1 - ema momentum] (fp32). ``sr_key``: None, or int64
-    [key, index of the first element] for stochastic rounding of 16-bit weights (``lowbit_adamw.rng``).
+    [key, index of the first element] for stochastic rounding of 16-bit weights (``lowbit_adamw.format.rng``).
     ``v_dither``: None (nearest), or int64 [key, offset, index of the first element] of v's dither.
     Returns the number of rows (blocks) skipped for a non-finite gradient (0-d int64)."""
     ok = torch.isfinite(g).all(dim=1, keepdim=True) if skip_nonfinite else None
@@ -383,14 +383,14 @@ def adamw8bit_step(
     index_bases: list[int] | None = None,
 ) -> None:
     """Update a bucket of parameters with quantized state (``bits`` 8 or 4, see ``format``) in place.
-    Every tensor is flat (1-d) in the order its blocks run (see ``lowbit_adamw.layout``), and
+    Every tensor is flat (1-d) in the order its blocks run (see ``lowbit_adamw.format.layout``), and
     ``state["step"]`` is already incremented. All tensors of the bucket share one device and one
     parameter dtype. The gradient multiplier of tensor ``i`` is ``grad_muls[i]`` (default 1) times
     ``grad_mul_tensor[i]`` (fp32, on the device; e.g. a clipping factor computed without a host sync),
     one fp32 multiply. ``ema_moms`` (one float per tensor, or None for no EMA) updates
     ``state["ema"]`` (fp32) from the new weights. ``bad_blocks`` (int32, one per tensor, on the
     parameters' device) accumulates the number of blocks left untouched because their gradient had
-    NaN/Inf (``scalars.skip_nonfinite``); nothing is read back. ``sr_keys`` (one ``lowbit_adamw.rng``
+    NaN/Inf (``scalars.skip_nonfinite``); nothing is read back. ``sr_keys`` (one ``lowbit_adamw.format.rng``
     key per tensor) drive stochastic rounding of 16-bit weights when ``scalars.stochastic_rounding``.
     ``v_dithers`` (``(rng.dither_key, rng.dither_offset)`` per tensor) drive the rounding of v's codes
     (``lowbit_adamw.format``); None rounds v with u = 1/2. ``index_bases``: per tensor, the index of its
@@ -401,7 +401,7 @@ def adamw8bit_step(
     if not params:
         return
     if scalars.stochastic_rounding and sr_keys is None:
-        raise ValueError("stochastic_rounding needs sr_keys (one lowbit_adamw.rng key per tensor)")
+        raise ValueError("stochastic_rounding needs sr_keys (one lowbit_adamw.format.rng key per tensor)")
     keys = sr_keys if scalars.stochastic_rounding else [None] * len(params)
     if backend in ("torch", "compiled", "cpp"):
         muls = effective_grad_muls(grad_muls, grad_mul_tensor, len(params))

@@ -51,7 +51,7 @@ class NonfiniteReporter:
         if counts.device.type == "cpu":
             self.pending.append((counts, labels, block, None))
         else:
-            from .kernel_launch import device_guard
+            from ..step.kernel_launch import device_guard
 
             host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
             with device_guard(counts.device):  # the copy and the event on the stream of the counts' own GPU

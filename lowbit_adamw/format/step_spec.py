@@ -1,6 +1,6 @@
 """The step, written once: what every backend (eager, compiled, Triton) computes per element.
 
-Both ``lowbit_adamw.functional`` (the PyTorch paths) and ``lowbit_adamw.kernel_launch`` (the Triton
+Both ``lowbit_adamw.step.functional`` (the PyTorch paths) and ``lowbit_adamw.step.kernel_launch`` (the Triton
 host side) import this module; neither imports the other's internals.
 
 Per element, in fp32 whatever the parameter dtype (torch.optim.AdamW semantics)::
@@ -16,13 +16,13 @@ Per element, in fp32 whatever the parameter dtype (torch.optim.AdamW semantics):
 
 then m, v (and vmax) are re-encoded (``lowbit_adamw.format``) and p is written in its dtype, rounded to
 nearest even or, with ``stochastic_rounding``, stochastically: toward zero, then one unit away from
-zero when ``u < (|p| - |lo|) / (|hi| - |lo|)``, ``u`` the counter-based uniform of ``lowbit_adamw.rng``
+zero when ``u < (|p| - |lo|) / (|hi| - |lo|)``, ``u`` the counter-based uniform of ``lowbit_adamw.format.rng``
 for (seed, weights stream, the parameter's position in the optimizer, its step, the element's index). With
 EMA, ``ema = ema * mom + p * (1 - mom)`` with the weight as stored (``mom`` is 0 on a tensor's first update).
 
 The gradient multiplier of a tensor is ``host_mul``, a number known on the host (accumulation mean,
 AMP unscale, ``loss_scale``), times ``device_mul``, an fp32 tensor computed on the gradients' device
-without a host sync (``max_grad_norm`` and ``clip_norm`` factors, ``lowbit_adamw.clipping``; 1 without
+without a host sync (``max_grad_norm`` and ``clip_norm`` factors, ``lowbit_adamw.step.clipping``; 1 without
 them), rounded once.
 
 Exact arithmetic
@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import format as fmt
+from .. import format as fmt
 
 NONFINITE_MODES = ("skip", "raise", "ignore")
 

@@ -144,7 +144,7 @@ def _slice_as(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     memory order; a tensor with gaps gets a contiguous one)."""
     n = like.numel()
     flat = buf[: n * like.element_size()].view(like.dtype)
-    from . import layout
+    from ..format import layout
 
     if layout.is_dense(like):
         return flat.as_strided(like.shape, like.stride())

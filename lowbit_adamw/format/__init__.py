@@ -3,7 +3,7 @@
 
 Layout
 ------
-A parameter is read flat, in the order its elements sit in memory (``lowbit_adamw.layout``: row-major
+A parameter is read flat, in the order its elements sit in memory (``lowbit_adamw.format.layout``: row-major
 for a contiguous tensor), and cut into blocks of ``block_size`` elements (a power of two, 64..4096;
 default 256 at 8 bits, 128 at 4 bits); the last block may be short. Each quantized moment buffer has
 a width of ``bits`` (8 or 4, per param group):
@@ -64,7 +64,7 @@ and at 4 bits unbiased in value::
     else:   code = lo + 1   if (s - level(lo)) > u * (level(lo + 1) - level(lo))   else lo
     v = level(code) * a                                                     # decode
 
-In the step, ``u`` is ``lowbit_adamw.rng``'s dither (a Weyl sequence per element over the steps), so v
+In the step, ``u`` is ``lowbit_adamw.format.rng``'s dither (a Weyl sequence per element over the steps), so v
 does not drift over many re-encodings: rounding in the companded domain, or to nearest, ratchets v
 upwards (a step moves v by about 0.1%, less than half a code, so only the large moves upward survive:
 +26% after 3000 steps of stationary noise). Unbiased in 1 / sqrt(v) rather than in v, a small v of a
@@ -110,7 +110,7 @@ Per parameter: ``step`` (float32 0-d tensor on the CPU, as torch), and either th
 ``max_exp_avg_sq_codes`` / ``max_exp_avg_sq_absmax``), or torch's own ``exp_avg`` / ``exp_avg_sq``
 (/ ``max_exp_avg_sq``) for parameters kept in full-precision state. The optimizer's state dict carries
 ``{"lowbit_adamw": {"format_version": FORMAT_VERSION, ...}}`` at top level and ``block_size`` and ``bits``
-in every param group (``lowbit_adamw.checkpoint``). Versions 1 (8 bits only, no ``bits`` key) and 3
+in every param group (``lowbit_adamw.optim.checkpoint``). Versions 1 (8 bits only, no ``bits`` key) and 3
 decode unchanged under version 4's rules: their scales are never negative, and a positive scale
 selects what those versions wrote (map A; the 4-bit m map's positive side). Version 2 differs in the
 4-bit m map (square-root companding on 7 levels a side); its 4-bit m codes are decoded with that map and

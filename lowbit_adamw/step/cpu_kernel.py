@@ -10,9 +10,9 @@ with the C++ compiler inductor would use, once per machine and CPU code path, an
 Flags: ``-O3 -ffp-contract=off`` (no FMA the spec does not have; no ``-ffast-math``), and the vector
 ISA ATen runs with (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` sets).
 
-The arithmetic is ``lowbit_adamw.step_spec``'s, and the tests hold it to the eager path bit for bit.
+The arithmetic is ``lowbit_adamw.format.step_spec``'s, and the tests hold it to the eager path bit for bit.
 Parameters in float32 or bfloat16 (with their gradients in the same dtype), stochastic rounding of
-bfloat16 weights included (``lowbit_adamw.rng``'s hash); anything else stays on the compiled path.
+bfloat16 weights included (``lowbit_adamw.format.rng``'s hash); anything else stays on the compiled path.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from . import format as fmt
-from .step_spec import StepScalars
+from .. import format as fmt
+from ..format.step_spec import StepScalars
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_step.cpp"

@@ -5,7 +5,7 @@ Saved (``state_dict``): torch's ``{"state", "param_groups"}`` (state_dict hooks 
 * ``"lowbit_adamw"``: ``{"format_version", "block_size", "bits", "updates", "calls", "seed"}``. ``updates``
   is the number of applied updates (a callable ``lr`` receives it, ``ema_overwrite_frequency`` counts
   it), ``calls`` the ``step()`` calls (the phase of ``accumulation_steps``), ``seed`` the seed of the
-  counter-based random numbers (``lowbit_adamw.rng``): with these a resumed run continues exactly.
+  counter-based random numbers (``lowbit_adamw.format.rng``): with these a resumed run continues exactly.
 * in every param group, ``lowbit_format_version`` and ``lowbit_run`` (the same counters), because
   ``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``; a callable ``lr`` is saved
   as the number it gives at the saved update count, with ``lowbit_lr="callable"``, and on load the
@@ -38,10 +38,10 @@ from collections import defaultdict
 
 import torch
 
-from . import format as fmt
-from . import layout
-from . import placement, sharding
-from .step_spec import state_names
+from .. import format as fmt
+from ..format import layout, sharding
+from ..format.step_spec import state_names
+from . import placement
 
 VERSION_KEY = "lowbit_format_version"
 RUN_KEY = "lowbit_run"
@@ -269,22 +269,25 @@ def _load_label(group: dict, gi: int, j: int, p, pid) -> str:
     return f"param group {gi}, parameter {j} ({name}shape {tuple(p.shape)}; state dict key {pid!r})"
 
 
-def load_state_dict(opt, state_dict: dict) -> None:
-    """Load into ``opt`` (an AdamW8bit): checked first, replaced whole (see module doc)."""
+def saved_meta(state_dict: dict) -> dict | None:
+    """The run and format entries of an AdamW8bit state dict, or None for a state dict of another optimizer
+    (``lowbit_adamw.migrate`` converts those). A dict that ``torch.distributed.checkpoint`` kept to
+    ``state`` and ``param_groups`` has them in its groups."""
     meta = state_dict.get(META_KEY)
     groups = state_dict.get("param_groups", [])
     if meta is None and groups and all(VERSION_KEY in g for g in groups):
         meta = {"format_version": groups[0][VERSION_KEY]}
         if RUN_KEY in groups[0]:
             meta.update(groups[0][RUN_KEY])
-    if meta is None:
-        from . import convert, migrate  # both build on this module
+    return meta
 
-        torch_form, what = migrate.to_torch_form(state_dict)  # refuses a state dict it does not know
-        load_state_dict(opt, convert.from_torch_adamw(opt, torch_form))  # the caller has run the load hooks once
-        warnings.warn(f"AdamW8bit.load_state_dict converted {what} (a one-time rounding to this optimizer's "
-                      f"{opt.defaults['bits']}-bit state)", stacklevel=4)
-        return
+
+def load_state_dict(opt, state_dict: dict) -> None:
+    """Load an AdamW8bit state dict into ``opt``: checked first, replaced whole (see module doc)."""
+    meta = saved_meta(state_dict)
+    if meta is None:
+        raise ValueError("not an AdamW8bit state dict (no 'lowbit_adamw' entry): AdamW8bit.load_state_dict converts "
+                         "torch's, bitsandbytes' and torchao's")
     version = meta.get("format_version")
     if version not in fmt.READABLE_VERSIONS:
         raise ValueError(

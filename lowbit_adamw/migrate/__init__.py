@@ -2,7 +2,8 @@
 
 Everything passes through one common form, torch.optim.AdamW's state dict: per parameter ``step`` and
 the moments ``exp_avg``, ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad) as float32 tensors shaped like
-the parameter, and groups holding torch's hyper-parameters. Into AdamW8bit (``load_state_dict`` calls
+the parameter (and ``ema``, the weights' average, where AdamW8bit's own conversions kept one), and groups
+holding torch's hyper-parameters. Into AdamW8bit (``load_state_dict`` calls
 :func:`to_torch_form` when the state dict is not its own):
 
 * torch.optim.AdamW: already in the common form;
@@ -21,8 +22,8 @@ import math
 
 import torch
 
-from . import format as fmt
-from . import layout
+from .. import format as fmt
+from ..format import layout
 
 TORCH_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 TORCH_GROUP_DEFAULTS = dict(
@@ -55,7 +56,7 @@ def identify(state_dict: dict) -> str | None:
     if any(_is_torchao(v) for s in states for v in s.values()):
         return "torchao"
     if all("betas" in g for g in state_dict["param_groups"]) and all(
-        set(s) <= {"step", *fmt.QUANTIZED_MOMENTS} for s in states
+        set(s) <= {"step", *fmt.QUANTIZED_MOMENTS, "ema"} for s in states  # ema: to_torch_adamw_state_dict keeps it
     ):
         return "torch"
     return None
@@ -121,7 +122,7 @@ def to_torch_form(state_dict: dict) -> tuple[dict, str]:
             if "exp_avg_sq" not in out:
                 raise ValueError(f"{label}: bitsandbytes state with one moment (state1 only) is not AdamW's")
         else:
-            for name in fmt.QUANTIZED_MOMENTS:
+            for name in (*fmt.QUANTIZED_MOMENTS, "ema"):
                 if name in s:
                     v = s[name]
                     if _is_torchao(v):

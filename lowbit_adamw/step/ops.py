@@ -5,7 +5,7 @@ the C++ library (ctypes), the Triton launcher's host tables or the eager loops, 
 ``torch.compile(opt.step, fullgraph=True)`` traces with no graph break, and the op gives the bits the
 eager call gives (it is the same code). Everything per step that is host work happens inside:
 incrementing the step counters, bias corrections, stochastic-rounding keys, flat views of the
-tensors in the order their blocks run (``lowbit_adamw.layout``), the backend call, and copies back
+tensors in the order their blocks run (``lowbit_adamw.format.layout``), the backend call, and copies back
 for parameters with gaps.
 
 The optimizer calls it through ``call_step_``, which in plain eager code runs the op's body without
@@ -35,6 +35,7 @@ non-finite gradient.
 """
 from __future__ import annotations
 
+import _signal
 import contextlib
 import itertools
 import math
@@ -42,15 +43,12 @@ import signal
 import threading
 from typing import Optional
 
-import _signal
 import torch
 from torch.utils import _python_dispatch
 
-from . import layout
-from . import rng
-from . import sharding
+from ..format import layout, rng, sharding
+from ..format.step_spec import StepScalars, state_names
 from .functional import adamw8bit_step, fp32_state_step
-from .step_spec import StepScalars, state_names
 
 KIND_QUANTIZED = "quantized"
 KIND_FULL = "full"
@@ -287,7 +285,7 @@ def _(params, grads, state, steps, grad_mul_tensor, grad_muls, ema_moms, tensor_
 def clip_multipliers(grads: list[torch.Tensor], params: list[torch.Tensor], quantized: list[bool], block_sizes: list[int],
                      skip_nonfinite: bool, host_muls: list[float], max_grad_norm: Optional[float],
                      clip_norms: list[float]) -> torch.Tensor:
-    """``lowbit_adamw.clipping``'s device multipliers (fp32, one per gradient, on the first gradient's
+    """``lowbit_adamw.step.clipping``'s device multipliers (fp32, one per gradient, on the first gradient's
     device), as an op so that a compiled step computes them with the same kernels as an eager one (an
     inductor reduction would sum in another order). ``clip_norms``: per tensor, inf for none. The
     gradients are flat in block order."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import sharding
+from ..format import sharding
 
 
 def check_single_device(p: torch.Tensor, label: str) -> None:

@@ -1,4 +1,4 @@
-"""The optimizer's side of ``offload="cpu"``: its buckets into ``lowbit_adamw.offload``'s pipelines.
+"""The optimizer's side of ``offload="cpu"``: its buckets into ``lowbit_adamw.offload.pipeline``'s pipelines.
 
 ``OffloadSteps`` belongs to one ``AdamW8bit``. For an offloaded bucket it splits the gradients into
 pieces of at most ``step_in_backward_bucket_mb``, stages each piece down and queues its CPU step (the
@@ -16,8 +16,8 @@ import weakref
 
 import torch
 
-from . import clipping
-from . import offload as offloading
+from ..step import clipping
+from . import pipeline as offloading
 
 STREAMING_STAGING_BUFFERS = 2  # one piece stepping on the host while the next one goes down
 

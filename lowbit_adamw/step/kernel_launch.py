@@ -17,8 +17,8 @@ import os
 
 import torch
 
-from . import format as fmt
-from .step_spec import StepScalars, state_names
+from .. import format as fmt
+from ..format.step_spec import StepScalars, state_names
 
 # Chosen from `python benchmarks/kernel_report.py --sweep` (static figures, see the README). NVIDIA:
 # 2048 elements per program in 4 warps is 16 elements per thread, so every per-element buffer moves in
@@ -193,7 +193,7 @@ def triton_step_8bit(
     ``grad_mul_tensor`` (fp32 per tensor, on the device) multiplies each host multiplier on the device,
     so a clipping factor never waits for the host. ``sr_keys``: the stochastic-rounding keys.
     ``force_general`` sends every tensor to the general variant (tests)."""
-    from lowbit_adamw.kernels import launch_adamw8bit
+    from ..kernels import launch_adamw8bit
 
     if not params:
         return
