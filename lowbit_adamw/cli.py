@@ -1,8 +1,10 @@
 """``lowbit-adamw`` / ``python -m lowbit_adamw``: the command line.
 
 With no arguments it runs ``train``: a tiny byte-level causal LM trained offline on Python's own
-standard-library source, once with ``torch.optim.AdamW`` and once with ``AdamW8bit`` from the same
-initial weights and the same batches, then a table of losses and optimizer-state memory.
+standard-library source with ``torch.optim.AdamW`` and with ``AdamW8bit``, for 3 seeds (per seed both
+from the same initial weights and the same batches), then a table of losses and optimizer-state memory
+and the held-out difference beside its seed-to-seed spread. At lr 1e-3 one run's difference is mostly
+noise (a few tenths of a percent either way), so the verdict says whether the mean stands out of it.
 
 New subcommands register themselves in ``SUBCOMMANDS`` (name -> (help, add_arguments, run)).
 """
@@ -54,53 +56,59 @@ def _progress(total: int, desc: str):
         return _Bar()
 
 
-def train_compare(optimizers=("adamw", "adamw8bit"), steps=200, lr=3e-3, batch_size=16, seq_len=128, dim=128,
-                  layers=4, seed=0, progress=True) -> list[dict]:
-    """Train the built-in TinyLM with each optimizer from one init and one batch order."""
+def train_compare(optimizers=("adamw", "adamw8bit"), steps=200, lr=1e-3, batch_size=16, seq_len=128, dim=128,
+                  layers=4, seed=0, seeds=1, progress=True) -> list[dict]:
+    """Train the built-in TinyLM with each optimizer from one init and one batch order per seed, for
+    ``seeds`` seeds from ``seed`` on. Per optimizer: the means over the seeds, and each seed's held-out loss."""
     import torch
 
     from .memory import optimizer_state_bytes
     from .tinylm import TinyLM, batches, held_out_loss, token_splits
 
-    train_tokens, val_tokens = token_splits()
-    results = []
     for name in optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
-        torch.manual_seed(seed)
-        model = TinyLM(dim=dim, layers=layers, seq_len=seq_len)
-        opt = OPTIMIZERS[name](model.parameters(), lr)
-        data = batches(train_tokens, batch_size, seq_len, seed)
-        bar = _progress(steps, name) if progress else None
-        losses, t0 = [], time.perf_counter()
-        for _ in range(steps):
-            x, y = next(data)
-            opt.zero_grad(set_to_none=True)
-            loss = model.loss(x, y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        if bar:
-            bar.close()
-        elapsed = time.perf_counter() - t0
-        n_params = sum(p.numel() for p in model.parameters())
-        state = optimizer_state_bytes(opt)
-        tail = losses[-20:]
-        results.append(
-            dict(
-                optimizer=name,
-                params=n_params,
-                train_loss=sum(tail) / len(tail),
-                held_out_loss=held_out_loss(model, val_tokens, seq_len),
-                state_bytes=state["total"],
-                state_bytes_per_param=state["total"] / n_params,
-                seconds_per_step=elapsed / steps,
-            )
-        )
+    train_tokens, val_tokens = token_splits()
+    runs = {name: [] for name in optimizers}
+    bar = _progress(steps * len(optimizers) * seeds, "training") if progress else None
+    for s in range(seed, seed + seeds):
+        for name in optimizers:
+            torch.manual_seed(s)
+            model = TinyLM(dim=dim, layers=layers, seq_len=seq_len)
+            opt = OPTIMIZERS[name](model.parameters(), lr)
+            data = batches(train_tokens, batch_size, seq_len, s)
+            losses, t0 = [], time.perf_counter()
+            for _ in range(steps):
+                x, y = next(data)
+                opt.zero_grad(set_to_none=True)
+                loss = model.loss(x, y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(seed=s, optimizer=name, loss=f"{loss.item():.3f}")
+            elapsed = time.perf_counter() - t0
+            tail = losses[-20:]
+            runs[name].append(dict(seed=s, train_loss=sum(tail) / len(tail), held_out_loss=held_out_loss(model, val_tokens, seq_len),
+                                   seconds_per_step=elapsed / steps, params=sum(p.numel() for p in model.parameters()),
+                                   state_bytes=optimizer_state_bytes(opt)["total"]))
+    if bar:
+        bar.close()
+    results = []
+    for name, rs in runs.items():
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        results.append(dict(optimizer=name, params=rs[0]["params"], seeds=[r["seed"] for r in rs],
+                            train_loss=mean("train_loss"), held_out_loss=mean("held_out_loss"),
+                            held_out_losses=[r["held_out_loss"] for r in rs], state_bytes=rs[0]["state_bytes"],
+                            state_bytes_per_param=rs[0]["state_bytes"] / rs[0]["params"],
+                            seconds_per_step=mean("seconds_per_step")))
     return results
+
+
+def held_out_gaps(base: dict, other: dict) -> list[float]:
+    """Per seed, ``other``'s held-out loss relative to ``base``'s (same init and batches), in percent."""
+    return [100 * (o / b - 1) for b, o in zip(base["held_out_losses"], other["held_out_losses"])]
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -115,19 +123,35 @@ def _print_table(rows: list[dict]) -> None:
     if len(rows) > 1 and rows[0]["state_bytes"]:
         base = rows[0]
         for r in rows[1:]:
+            gaps = held_out_gaps(base, r)
+            mean = sum(gaps) / len(gaps)
+            spread = f"; per seed {', '.join(f'{g:+.2f}%' for g in gaps)}" if len(gaps) > 1 else ""
             print(f"{r['optimizer']}: {100 * (1 - r['state_bytes'] / base['state_bytes']):.1f}% less optimizer state than "
-                  f"{base['optimizer']}, held-out loss {100 * (r['held_out_loss'] / base['held_out_loss'] - 1):+.2f}%")
+                  f"{base['optimizer']}, held-out loss {mean:+.2f}% (mean of {len(gaps)} seed{'s' if len(gaps) > 1 else ''}"
+                  f"{spread}){verdict(gaps, base['optimizer'])}")
+
+
+def verdict(gaps: list[float], base: str) -> str:
+    """Whether a mean gap stands out of the seed-to-seed noise: beyond twice its standard error."""
+    if len(gaps) < 2:
+        return ": one seed says nothing about noise (--seeds 3)"
+    mean = sum(gaps) / len(gaps)
+    se = (sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps)) ** 0.5
+    if abs(mean) <= 2 * se:
+        return f": within seed-to-seed noise (2 standard errors: {2 * se:.2f}%)"
+    return f": {'higher' if mean > 0 else 'lower'} than {base}'s beyond seed-to-seed noise (2 standard errors: {2 * se:.2f}%)"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizers", default="adamw,adamw8bit", help="comma-separated, from: " + ", ".join(OPTIMIZERS))
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds (from --seed on); each optimizer runs once per seed")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true")
 
@@ -136,9 +160,10 @@ def _run_train(args) -> int:
     rows = train_compare(
         optimizers=[o.strip() for o in args.optimizers.split(",") if o.strip()], steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, seq_len=args.seq_len, dim=args.dim, layers=args.layers, seed=args.seed,
-        progress=not args.no_progress,
+        seeds=args.seeds, progress=not args.no_progress,
     )
-    print(f"TinyLM on Python stdlib text, {rows[0]['params']:,} parameters, {args.steps} steps, lr {args.lr}")
+    print(f"TinyLM on Python stdlib text, {rows[0]['params']:,} parameters, {args.steps} steps, lr {args.lr}, "
+          f"seeds {args.seed}..{args.seed + args.seeds - 1}")
     _print_table(rows)
     if args.json:
         import datetime

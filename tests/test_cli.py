@@ -53,3 +53,29 @@ def test_gpu_offload_check_script_smoke_runs_on_the_cpu_stand_in(tmp_path):
     for name in ("offload", "offload_in_backward"):  # the offloaded runs equal their on-device loops to the bit
         assert res["configs"][name]["max_diff_quantized_state"] == 0 and res["configs"][name]["max_diff_fp32_state"] == 0
     assert res["configs"]["offload"]["host_pinned_bytes"] > 0 and res["configs"]["device"]["host_pinned_bytes"] == 0
+
+
+def test_the_main_job_compares_over_seeds_and_shows_the_spread(capsys):
+    from lowbit_adamw.cli import _print_table, held_out_gaps
+
+    tiny = dict(steps=3, dim=32, layers=1, seq_len=32, batch_size=4, progress=False)
+    rows = train_compare(seed=5, seeds=2, **tiny)
+    base, ours = rows
+    assert base["seeds"] == ours["seeds"] == [5, 6] and len(ours["held_out_losses"]) == 2
+    assert ours["held_out_loss"] == sum(ours["held_out_losses"]) / 2
+    # each seed's run is the run that seed gives alone (same init, same batches)
+    alone = train_compare(seed=6, seeds=1, **tiny)
+    assert [r["held_out_losses"] for r in alone] == [[r["held_out_losses"][1]] for r in rows]
+    gaps = held_out_gaps(base, ours)
+    _print_table(rows)
+    out = capsys.readouterr().out
+    assert f"(mean of 2 seeds; per seed {gaps[0]:+.2f}%, {gaps[1]:+.2f}%)" in out
+
+
+def test_the_verdict_weighs_the_mean_against_the_seed_noise():
+    from lowbit_adamw.cli import verdict
+
+    assert "within seed-to-seed noise" in verdict([0.2, 0.59, -0.56], "adamw")
+    assert "higher than adamw's beyond" in verdict([2.0, 2.2, 1.9], "adamw")
+    assert "lower than adamw's beyond" in verdict([-2.0, -2.2, -1.9], "adamw")
+    assert "one seed says nothing" in verdict([0.3], "adamw")

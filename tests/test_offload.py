@@ -12,7 +12,7 @@ import torch
 
 from helpers import data, tiny_model
 from lowbit_adamw import AdamW8bit
-from lowbit_adamw.offload.pipeline import pipeline as offloading
+from lowbit_adamw.offload import pipeline as offloading
 
 CAP_MB = 0.03  # several buckets per backward (and several pieces per offloaded step) on the tiny model
 
