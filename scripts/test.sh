@@ -2,9 +2,11 @@
 # The README's test command: installs pinned CPU torch and the package with its test extras, runs the
 # whole suite, then runs the numerics tests again under ATen's other CPU code paths (avx2, default),
 # so a machine with AVX-512 also checks what an AVX2-only or a baseline machine computes.
-#   bash scripts/test.sh            everything (about 11 minutes on 2 cores from a fresh venv)
+#   bash scripts/test.sh            everything
 #   bash scripts/test.sh --quick    without the slow tests (marked in tests/conftest.py)
 # Kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA).
+# pytest-xdist spreads the tests over one worker per core; tests/conftest.py keeps each file with an
+# expensive module-scoped fixture on one worker (--dist loadgroup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 select=()
@@ -15,13 +17,16 @@ fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[test]"
 export LOWBIT_ADAMW_BLOCKS_PER_PROGRAM="${LOWBIT_ADAMW_BLOCKS_PER_PROGRAM:-16}"
-# -P: do not put the repo root on sys.path (kernels/ would shadow the PyPI package "kernels").
-python3 -P -m pytest -q tests "${select[@]}" "$@"
+# -P and PYTHONSAFEPATH (which the xdist workers inherit): do not put the repo root on sys.path (kernels/
+# would shadow the PyPI package "kernels").
+export PYTHONSAFEPATH=1
+parallel=(-n "${LOWBIT_ADAMW_TEST_WORKERS:-auto}" --dist loadgroup)
+python3 -P -m pytest -q "${parallel[@]}" tests "${select[@]}" "$@"
 native=$(python3 -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())")
 for isa in avx2 default; do
   [ "$isa" = "$native" ] && continue
   echo "== numerics tests with ATEN_CPU_CAPABILITY=$isa"
   # inductor's cache does not tell code paths apart: a kernel cached under one crashes under another
   ATEN_CPU_CAPABILITY=$isa TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/lowbit_adamw_inductor_$isa" \
-    python3 -P -m pytest -q tests -m "numerics and not slow" "$@"
+    python3 -P -m pytest -q "${parallel[@]}" tests -m "numerics and not slow" "$@"
 done

@@ -22,9 +22,17 @@ SLOW = ("test_distributed.py", "test_memory.py::test_estimate_matches_measured",
         "test_cli.py::test_gpu_kernel_check_script", "test_cli.py::test_gpu_offload_check_script", "test_integrations.py::test_trainer_step_in_backward")
 
 
+# Files whose module-scoped fixtures are expensive (a training run, a compile of every kernel variant): under
+# pytest-xdist (scripts/test.sh runs `-n auto --dist loadgroup`) each file's tests share one worker, so the
+# fixture is built once.
+SHARED_FIXTURE_FILES = ("test_distributed.py", "test_integrations.py", "test_kernel_report.py", "test_vs_torch.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         nodeid = item.nodeid.split("tests/", 1)[-1]
+        if nodeid.split("::")[0] in SHARED_FIXTURE_FILES:
+            item.add_marker(pytest.mark.xdist_group(nodeid.split("::")[0]))
         if nodeid.split("::")[0] in NUMERICS:
             item.add_marker(pytest.mark.numerics)
         if nodeid.startswith(SLOW):
