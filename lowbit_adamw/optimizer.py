@@ -731,7 +731,7 @@ class AdamW8bit(torch.optim.Optimizer):
             torch_form, what = migrate.to_torch_form(state_dict)  # refuses a state dict it does not know
             checkpoint.load_state_dict(self, convert.from_torch_adamw(self, torch_form))
             warnings.warn(f"AdamW8bit.load_state_dict converted {what} (a one-time rounding to this optimizer's "
-                          f"{self.defaults['bits']}-bit state)", stacklevel=2)
+                          f"{self.defaults['bits']}-bit state)", stacklevel=4)
         else:
             checkpoint.load_state_dict(self, state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

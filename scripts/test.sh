@@ -17,9 +17,8 @@ fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[test]"
 export LOWBIT_ADAMW_BLOCKS_PER_PROGRAM="${LOWBIT_ADAMW_BLOCKS_PER_PROGRAM:-16}"
-# -P and PYTHONSAFEPATH (which the xdist workers inherit): do not put the repo root on sys.path (kernels/
-# would shadow the PyPI package "kernels").
-export PYTHONSAFEPATH=1
+# -P: do not put the repo root on sys.path (kernels/ would shadow the PyPI package "kernels"); the xdist
+# workers, which start with it there, drop it in tests/conftest.py.
 parallel=(-n "${LOWBIT_ADAMW_TEST_WORKERS:-auto}" --dist loadgroup)
 python3 -P -m pytest -q "${parallel[@]}" tests "${select[@]}" "$@"
 native=$(python3 -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())")

@@ -1,6 +1,12 @@
 import os
+import sys
 
-import torch
+# The repo root must not be on sys.path: kernels/ there would shadow the PyPI package "kernels" (bitsandbytes
+# imports it). `python -P -m pytest` keeps it off; pytest-xdist's workers start with the working directory on it.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+
+import torch  # noqa: E402
 
 # The Triton kernels run on CPU tensors under the interpreter; it must be set before triton compiles
 # anything. On a CUDA machine the GPU tests use the real compiler instead.

@@ -353,7 +353,7 @@ def load_state_dict(opt, state_dict: dict) -> None:
     if casts:
         warnings.warn(f"AdamW8bit.load_state_dict cast {len(casts)} saved full-precision tensor(s) to the state's dtype "
                       f"({'; '.join(casts[:3])}{'; ...' if len(casts) > 3 else ''}): float64 rounds to float32 as "
-                      "torch.optim.AdamW's loader does, 16-bit widens exactly", UserWarning, stacklevel=4)
+                      "torch.optim.AdamW's loader does, 16-bit widens exactly", UserWarning, stacklevel=5)
     opt.state = new_state
     opt.param_groups = new_groups
     opt._layouts = layouts
