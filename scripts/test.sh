@@ -5,7 +5,7 @@
 #   bash scripts/test.sh            everything
 #   bash scripts/test.sh --quick    without the slow tests (marked in tests/conftest.py)
 # Kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA).
-# pytest-xdist spreads the tests over one worker per core; tests/conftest.py keeps each file with an
+# pytest-xdist spreads the tests over one worker per core; tests/conftest.py keeps the tests of each
 # expensive module-scoped fixture on one worker (--dist loadgroup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,6 @@ for isa in avx2 default; do
   [ "$isa" = "$native" ] && continue
   echo "== numerics tests with ATEN_CPU_CAPABILITY=$isa"
   # inductor's cache does not tell code paths apart: a kernel cached under one crashes under another
-  ATEN_CPU_CAPABILITY=$isa TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/lowbit_adamw_inductor_$isa" \
+  ATEN_CPU_CAPABILITY=$isa TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/lowbit_adamw_inductor_$isa" LOWBIT_ADAMW_NUMERICS_ONLY=1 \
     python3 -P -m pytest -q "${parallel[@]}" tests -m "numerics and not slow" "$@"
 done
