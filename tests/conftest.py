@@ -55,6 +55,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.numerics)
         if nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
+    # The slow tests first: a worker that meets one of them last would leave the other idle at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
