@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from lowbit_adamw.memory.report import pyplot  # noqa: F401  (the benchmarks' charts: one home)
+
 
 def _cpu_model() -> str:
     """The model name, with family and model (a virtual machine often reports only "AMD EPYC") and whether
@@ -49,15 +51,6 @@ def save(path: str | None, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(dict(payload, **machine()), f, indent=1)
         print(f"wrote {path}")
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def step_bytes_per_param(param_bytes: int, amsgrad=False, ema=False, block_size: int = 256, bits: int = 8) -> float:

@@ -92,7 +92,8 @@ def torch_groups(groups: list) -> list:
     return out
 
 
-def _step_tensor(step) -> torch.Tensor:
+def step_tensor(step) -> torch.Tensor:
+    """A saved step count (tensor or number) as torch's: a float32 0-d CPU tensor of its own."""
     return step.detach().float().cpu().reshape(()).clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
 
 
@@ -105,7 +106,7 @@ def to_torch_form(state_dict: dict) -> tuple[dict, str]:
     state, kinds = {}, set()
     for pid, raw in state_dict.get("state", {}).items():
         s, label = _bnb_state(raw), f"state of parameter {pid}"
-        out = {"step": _step_tensor(s.get("step", 0))}
+        out = {"step": step_tensor(s.get("step", 0))}
         if kind == "bitsandbytes":
             for which, name in (("1", "exp_avg"), ("2", "exp_avg_sq")):
                 x = s.get("state" + which)

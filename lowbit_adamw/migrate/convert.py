@@ -9,7 +9,7 @@ from .. import format as fmt
 from ..format import layout
 from ..optim import placement
 from ..optim.checkpoint import META_KEY, ORDER_KEY
-from . import TORCH_GROUP_KEYS, identify, lowbit_to_torch
+from . import TORCH_GROUP_KEYS, identify, lowbit_to_torch, step_tensor
 
 
 def to_torch_adamw_state_dict(optimizer) -> dict:
@@ -52,8 +52,7 @@ def from_torch_adamw(optimizer, torch_state_dict: dict) -> dict:
         p, g = id_to_param[pid]
         out = {}
         if "step" in s:  # a state without one is refused by the loader, whatever it holds
-            step = s["step"]
-            out["step"] = step.detach().float().cpu().reshape(()) if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+            out["step"] = step_tensor(s["step"])
         names = [n for n in fmt.QUANTIZED_MOMENTS if n in s]
         if placement.wants_8bit(optimizer, p, g):
             for name in names:

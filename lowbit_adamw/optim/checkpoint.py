@@ -94,6 +94,10 @@ def _param_records(opt) -> list[dict]:
     return records
 
 
+# What a user can do with a parameter state that does not load: its moments start again from zero.
+_RESTART = "delete this parameter's entry from the state dict's 'state' to start its moments from zero"
+
+
 def _bad(label: str, what: str) -> ValueError:
     return ValueError(f"state dict: {label}: {what}")
 
@@ -210,8 +214,7 @@ def _full_precision(p, value: torch.Tensor, label: str, name: str, casts: list |
         what = "NaN, infinite or negative (a second moment is a mean of squares)"
     if bool(bad.any()):
         raise _bad(label, f"saved {name} has {int(bad.sum())} value(s) that are {what}; the checkpoint is corrupt. Load an "
-                          "earlier one, or delete this parameter's entry from the state dict's 'state' to start its "
-                          "moments from zero")
+                          f"earlier one, or {_RESTART}")
     return value
 
 
@@ -220,8 +223,7 @@ def _check_complete(out: dict, label: str, bits: int, amsgrad: bool) -> None:
     if "step" not in out:
         return
     quantized = [n for n in fmt.QUANTIZED_MOMENTS if n + "_codes" in out]
-    fix = ("the checkpoint is incomplete or was edited. Load a complete one, or delete this parameter's entry from the "
-           "state dict's 'state' to start its moments from zero")
+    fix = f"the checkpoint is incomplete or was edited. Load a complete one, or {_RESTART}"
     if not quantized and not any(n in out for n in fmt.QUANTIZED_MOMENTS):
         raise _bad(label, f"the state has a step but no moments (neither {bits}-bit 'exp_avg_codes'... nor full-precision "
                           f"'exp_avg'...); {fix}")

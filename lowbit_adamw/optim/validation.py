@@ -72,7 +72,6 @@ def constructor_options(bnb_positional, *, optim_bits, args, min_8bit_size, perc
     return dict(min_8bit_size=min_8bit_size, all_fp32=all_fp32, backend=backend, bucket_mb=bucket_mb)
 
 
-
 def check_scalar(name, value, low, high=None, high_open=False, what=None, allow_inf=False):
     """``what``: torch's wording of the error (``Invalid learning rate``), kept so that code matching
     torch's messages still matches."""
