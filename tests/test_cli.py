@@ -75,7 +75,30 @@ def test_the_main_job_compares_over_seeds_and_shows_the_spread(capsys):
 def test_the_verdict_weighs_the_mean_against_the_seed_noise():
     from lowbit_adamw.cli import verdict
 
-    assert "within seed-to-seed noise" in verdict([0.2, 0.59, -0.56], "adamw")
+    inside = verdict([0.2, 0.59, -0.56], "adamw")  # mean 0.077, s.e. 0.337, t(2) 4.303
+    assert "no difference beyond seed-to-seed noise (95% interval of the mean: +-1.45%); within 1.5% of adamw's" in inside
+    assert "0.08" not in inside and "higher" not in inside and "lower" not in inside  # no sign for a mean inside the noise
     assert "higher than adamw's beyond" in verdict([2.0, 2.2, 1.9], "adamw")
     assert "lower than adamw's beyond" in verdict([-2.0, -2.2, -1.9], "adamw")
     assert "one seed says nothing" in verdict([0.3], "adamw")
+    # three seeds that happen to agree are not yet beyond the noise (two standard errors would say they are)
+    assert "no difference beyond" in verdict([-0.51, -0.46, -0.02], "adamw")
+    assert "lower than adamw's beyond" in verdict([-0.51, -0.46, -0.02, -0.4, -0.3, -0.35, -0.45, -0.2, -0.5, -0.3, -0.4, -0.3], "adamw")
+
+
+def test_the_schedule_warms_up_then_decays_to_a_tenth():
+    from lowbit_adamw.cli import lr_factor
+
+    assert [lr_factor(i, 100, 4) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert abs(lr_factor(52, 100, 4) - 0.55) < 1e-12 and abs(lr_factor(100, 100, 4) - 0.1) < 1e-12
+    assert lr_factor(0, 100, 0) == 1.0
+
+
+def test_the_main_job_clips_gradients_when_asked():
+    tiny = dict(optimizers=("adamw",), steps=3, dim=32, layers=1, seq_len=32, batch_size=4, lr=1e-2, warmup=1,
+                progress=False)
+    free = train_compare(max_grad_norm=None, **tiny)[0]["held_out_loss"]
+    clipped = train_compare(max_grad_norm=1e-12, **tiny)[0]["held_out_loss"]
+    untrained = train_compare(**{**tiny, "lr": 0.0})[0]["held_out_loss"]
+    # AdamW normalizes the gradient's size away, except where clipping makes it vanish under eps
+    assert abs(clipped - untrained) < 0.02 < untrained - free
