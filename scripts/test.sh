@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs pinned CPU torch and the package with its test extras, runs the
-# whole suite, then runs the numerics tests again under ATen's other CPU code paths (avx2, default),
-# so a machine with AVX-512 also checks what an AVX2-only or a baseline machine computes.
+# whole suite, then runs the numerics tests again under ATen's other CPU code paths (avx2, default; side
+# by side), so a machine with AVX-512 also checks what an AVX2-only or a baseline machine computes.
 #   bash scripts/test.sh            everything
 #   bash scripts/test.sh --quick    without the slow tests (marked in tests/conftest.py)
 # Kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA).
@@ -22,10 +22,28 @@ export LOWBIT_ADAMW_BLOCKS_PER_PROGRAM="${LOWBIT_ADAMW_BLOCKS_PER_PROGRAM:-16}"
 parallel=(-n "${LOWBIT_ADAMW_TEST_WORKERS:-auto}" --dist loadgroup)
 python3 -P -m pytest -q "${parallel[@]}" tests "${select[@]}" "$@"
 native=$(python3 -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())")
+reruns=()
 for isa in avx2 default; do
-  [ "$isa" = "$native" ] && continue
-  echo "== numerics tests with ATEN_CPU_CAPABILITY=$isa"
+  [ "$isa" = "$native" ] || reruns+=("$isa")
+done
+# The reruns run side by side, the workers shared between them: each alone leaves cores idle while its
+# workers start and while its last tests finish.
+cores=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
+per_rerun=$(( cores / ${#reruns[@]} > 0 ? cores / ${#reruns[@]} : 1 ))
+logs="$(mktemp -d)"
+pids=()
+for isa in "${reruns[@]}"; do
   # inductor's cache does not tell code paths apart: a kernel cached under one crashes under another
   ATEN_CPU_CAPABILITY=$isa TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/lowbit_adamw_inductor_$isa" LOWBIT_ADAMW_NUMERICS_ONLY=1 \
-    python3 -P -m pytest -q "${parallel[@]}" tests -m "numerics and not slow" "$@"
+    python3 -P -m pytest -q -n "${LOWBIT_ADAMW_TEST_WORKERS:-$per_rerun}" --dist loadgroup tests -m "numerics and not slow" "$@" \
+    >"$logs/$isa.log" 2>&1 &
+  pids+=($!)
 done
+status=0
+for i in "${!reruns[@]}"; do
+  wait "${pids[$i]}" || status=1
+  echo "== numerics tests with ATEN_CPU_CAPABILITY=${reruns[$i]}"
+  cat "$logs/${reruns[$i]}.log"
+done
+rm -rf "$logs"
+exit $status
