@@ -19,7 +19,6 @@ TREES = ("tests", "lowbit_adamw", "kernels", "benchmarks", "recipes")
 
 # Peers the suite never imports: each is behind a guard in code no test runs. Named with the reason.
 NOT_IMPORTED_BY_THE_SUITE = {
-    "deepspeed": "benchmarks/step_speed.py's optional CPUAdam peer (guarded; its op builds at first use)",
     "flashoptim": "benchmarks/step_speed.py's GPU-only peer (guarded, imported only when CUDA is available)",
 }
 # Import names whose distribution has another name (when the package is absent, metadata cannot tell).

@@ -1,0 +1,99 @@
+"""DeepSpeed ZeRO (stage 1, 2 or 3) with lowbit-adamw's AdamW8bit as the client optimizer.
+
+    torchrun --standalone --nproc-per-node 2 recipes/deepspeed_zero.py --stage 2 --steps 50     # CPU: gloo
+    torchrun --standalone --nproc-per-node 8 recipes/deepspeed_zero.py --stage 3 --steps 50     # GPUs: nccl
+    torchrun --standalone --nproc-per-node 2 recipes/deepspeed_zero.py --ckpt /tmp/ds --steps 20
+    torchrun --standalone --nproc-per-node 2 recipes/deepspeed_zero.py --resume /tmp/ds --steps 10  # same world size
+
+Two config flags matter (docs/integrations.md): ``zero_allow_untested_optimizer`` (DeepSpeed refuses a ZeRO
+client optimizer it has not tested itself without it; Hugging Face's Trainer sets it on its own), and with
+``--offload`` (ZeRO-Offload: optimizer state in host memory) ``zero_force_ds_cpu_optimizer: false``, without which
+DeepSpeed insists on its own CPUAdam. Under ZeRO the optimizer sees each rank's flat partition of the
+parameters, not the parameters: every tensor's state is 8-bit there, embeddings included, and a quantization
+block may span the end of one parameter and the start of the next.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from lowbit_adamw import AdamW8bit  # noqa: E402
+from lowbit_adamw.memory import optimizer_state_bytes  # noqa: E402
+from lowbit_adamw.tinylm import TinyLM, batches, token_splits  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, choices=(1, 2, 3), default=2)
+    ap.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer state in host memory")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16, help="global batch, split across ranks")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ckpt", default=None, help="save a DeepSpeed checkpoint here at the end")
+    ap.add_argument("--resume", default=None, help="load a DeepSpeed checkpoint (same world size) before training")
+    args = ap.parse_args(argv)
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = TinyLM(dim=args.dim, layers=args.layers, heads=4, seq_len=128)
+    opt = AdamW8bit(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    zero = {"stage": args.stage}
+    if args.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": args.batch // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+
+    start = 0
+    if args.resume:
+        _, client = engine.load_checkpoint(args.resume)
+        start = client["step"]
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {start} on {world} rank(s)")
+
+    tokens, _ = token_splits()
+    data = batches(tokens, args.batch, 128, seed=0)
+    for _ in range(start):  # same data order as an uninterrupted run
+        next(data)
+    per = args.batch // world
+    for step in range(start, start + args.steps):
+        x, y = (t[rank * per:(rank + 1) * per].to(engine.device) for t in next(data))
+        loss = torch.nn.functional.cross_entropy(engine(x).flatten(0, 1), y.flatten())
+        engine.backward(loss)
+        engine.step()
+        avg = loss.detach().clone()
+        dist.all_reduce(avg)
+        if rank == 0 and (step % max(1, args.steps // 10) == 0 or step == start + args.steps - 1):
+            print(f"step {step:4d}  loss {avg.item() / world:.4f}")
+
+    held = optimizer_state_bytes(opt)["total"]
+    local = sum(s["exp_avg_codes"].numel() for s in opt.state.values() if "exp_avg_codes" in s)
+    if rank == 0:
+        print(f"memory: optimizer state on rank 0 {held / 2**20:.2f} MiB for a partition of {local:,} elements "
+              f"({held / max(local, 1):.2f} B/param)")
+    if args.ckpt:
+        engine.save_checkpoint(args.ckpt, client_state={"step": start + args.steps})
+        if rank == 0:
+            print(f"saved {args.ckpt}")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
