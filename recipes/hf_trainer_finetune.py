@@ -41,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--optim", default="adamw_8bit", help="TrainingArguments.optim for the install and plain routes")
     ap.add_argument("--report-out", default=None, help="write losses and optimizer facts as JSON here")
+    ap.add_argument("--deepspeed-stage", type=int, choices=(1, 2, 3), default=None,
+                    help="train under DeepSpeed ZeRO at this stage (launch with torchrun; DS_ACCELERATOR=cpu on a CPU)")
     args = ap.parse_args(argv)
 
     model = tiny_llama(seed=0)
@@ -53,6 +55,10 @@ def main(argv=None):
         report_to="none", use_cpu=not torch.cuda.is_available(), bf16=args.bf16, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
         optim="adamw_torch" if args.route == "cls_kwargs" else args.optim,
+        # The Trainer fills in the "auto" values and sets zero_allow_untested_optimizer itself.
+        deepspeed=None if args.deepspeed_stage is None else {
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "zero_optimization": {"stage": args.deepspeed_stage}},
     )
     extra = {}
     if args.route == "cls_kwargs":
@@ -68,6 +74,7 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=args.resume)
     opt = trainer.optimizer
     inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
+    inner = getattr(inner, "optimizer", inner)  # and DeepSpeed's ZeRO optimizer wraps the client optimizer
     first, last = min(log.losses), max(log.losses)
     print(f"optimizer: {type(inner).__module__}.{type(inner).__name__}")
     print(f"loss: step {first} {log.losses[first]:.4f} -> step {last} {log.losses[last]:.4f}")
@@ -80,6 +87,9 @@ def main(argv=None):
                        "fp32_state_params": fp32,
                        "group_weight_decay": [g["weight_decay"] for g in inner.param_groups],
                        "group_bits": [g.get("bits") for g in inner.param_groups],
+                       # per state entry (a parameter, or under ZeRO a rank's flat partition of a param group)
+                       "state_kinds": [["8bit", st["exp_avg_codes"].numel()] if "exp_avg_codes" in st else
+                                       ["fp32", st["exp_avg"].numel()] for st in inner.state.values() if "step" in st],
                        "steps": {n: float(inner.state[p]["step"]) for n, p in model.named_parameters() if p in inner.state}},
                       f, indent=1)
 

@@ -69,3 +69,33 @@ def test_the_recipe_with_zero_offload_resumes_exactly(tmp_path):
     _recipe("--stage", "2", "--offload", "--steps", "2", "--ckpt", str(tmp_path / "ck"))
     resumed, stdout = _recipe("--stage", "2", "--offload", "--steps", "2", "--resume", str(tmp_path / "ck"))
     assert "resumed from" in stdout and resumed == {2: full[2], 3: full[3]}
+
+
+def test_trainer_with_a_zero2_config_builds_adamw8bit_and_tracks_torch_adamw(tmp_path):
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(*args):
+        report = tmp_path / f"report_{len(list(tmp_path.iterdir()))}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               os.path.join(root, "recipes", "hf_trainer_finetune.py"), "--deepspeed-stage", "2", "--steps", "6",
+               "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args]
+        out = subprocess.run(cmd, cwd=os.path.join(root, "recipes"), capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+                                      TOKENIZERS_PARALLELISM="false"))
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return json.loads(report.read_text())
+
+    ours = run("--route", "install", "--optim", "adamw_8bit")  # the Trainer string, routed to AdamW8bit by install()
+    base = run("--route", "plain", "--optim", "adamw_torch")
+    assert ours["optimizer"] == "lowbit_adamw.optimizer.AdamW8bit"
+    assert base["optimizer"] == "torch.optim.adamw.AdamW"
+    # the Trainer's two param groups (with and without weight decay) give each rank two flat partitions: the
+    # matrices' one has 8-bit state; the biases' and norms' one is under min_8bit_size and keeps fp32 state
+    kinds = sorted(ours["state_kinds"], key=lambda kind: kind[1])
+    assert [k for k, _ in kinds] == ["fp32", "8bit"] and kinds[0][1] < 4096 < kinds[1][1], kinds
+    for step, loss in base["losses"].items():
+        assert abs(ours["losses"][step] - loss) <= 0.02 * loss, (ours["losses"], base["losses"])
