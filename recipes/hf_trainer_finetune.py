@@ -89,7 +89,8 @@ def main(argv=None):
                        "group_bits": [g.get("bits") for g in inner.param_groups],
                        # per state entry (a parameter, or under ZeRO a rank's flat partition of a param group)
                        "state_kinds": [["8bit", st["exp_avg_codes"].numel()] if "exp_avg_codes" in st else
-                                       ["fp32", st["exp_avg"].numel()] for st in inner.state.values() if "step" in st],
+                                       ["fp32", st["exp_avg"].numel()] if "exp_avg" in st else ["other", None]
+                                       for st in inner.state.values() if "step" in st],
                        "steps": {n: float(inner.state[p]["step"]) for n, p in model.named_parameters() if p in inner.state}},
                       f, indent=1)
 
