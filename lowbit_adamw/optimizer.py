@@ -190,6 +190,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 self._min_size_override[p] = validation.check_int("min_8bit_size (GlobalOptimManager override)", config["min_8bit_size"], 0)
         if fp32_state is not None:
             self.force_fp32_state(*fp32_state, model=model)
+        self._built_ids = self._listed_ids()
 
     def _init_runtime(self) -> None:
         """What a copy of the optimizer rebuilds instead of copying: caches, hooks, pending buckets."""
@@ -205,6 +206,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload.steps)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
+        self._lost_said = False  # placement.say_fp32_choices_lost
+        self._built_ids = self._listed_ids()  # the parameters it was built with (a copy: the copy's own)
 
     # ---- copies: deepcopy, pickle, torch.save ----------------------------------------------------
 
@@ -429,6 +432,10 @@ class AdamW8bit(torch.optim.Optimizer):
             self._reporter.prepare((gi, str(dev)), dev, lambda: group_labels)
         if group is self.param_groups[-1]:
             placement.say_small_fp32(self)
+            placement.say_fp32_choices_lost(self)
+
+    def _listed_ids(self) -> frozenset:
+        return frozenset(id(p) for g in getattr(self, "param_groups", ()) for p in g["params"])
 
     def _group_index(self, group) -> int:
         for i, g in enumerate(self.param_groups):

@@ -180,3 +180,50 @@ def test_named_parameters_are_used_in_messages():
     model.weight.grad = torch.full_like(model.weight, float("nan"))
     with pytest.raises(FloatingPointError, match="'weight'"):
         opt.step()
+
+
+def test_fp32_choices_of_replaced_parameters_are_said_once_with_their_bytes():
+    """DeepSpeed swaps flat partitions into the param groups after the optimizer is built (simulated here
+    without DeepSpeed, as its ZeRO-1/2 optimizer does it): an fp32-state choice cannot follow a parameter
+    there, and the first step says so, once, with the state it no longer keeps in fp32."""
+    import warnings
+
+    import torch
+
+    from lowbit_adamw import AdamW8bit
+
+    emb, lin = torch.nn.Embedding(64, 32), torch.nn.Linear(32, 300)
+    unused = torch.nn.Embedding(10, 32)  # named for fp32 but never given to the optimizer: nothing to say
+    params = [emb.weight, *lin.parameters()]
+    opt = AdamW8bit(params, fp32_state=[emb, unused], min_8bit_size=0)
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    opt.param_groups[0]["params"] = [flat]
+    for step in range(2):
+        flat.grad = torch.randn_like(flat)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        said = [str(w.message) for w in caught if "no longer among" in str(w.message)]
+        if step == 0:
+            # 2,048 embedding elements: 8 B each in fp32 against 2.03125 B at 8 bits
+            assert len(said) == 1 and "1 parameter(s)" in said[0] and "2,048 elements" in said[0], said
+            assert f"{2048 * (8 - 2.03125) / 2**20:.2f} MiB" in said[0]
+        else:
+            assert not said
+    assert "exp_avg_codes" in opt.state[flat]
+
+
+def test_nothing_is_said_when_the_chosen_parameters_are_still_the_optimizers():
+    import warnings
+
+    import torch
+
+    from lowbit_adamw import AdamW8bit
+
+    emb = torch.nn.Embedding(64, 32)
+    opt = AdamW8bit(emb.parameters(), fp32_state=[emb], min_8bit_size=0)
+    emb.weight.grad = torch.randn_like(emb.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert "exp_avg" in opt.state[emb.weight]

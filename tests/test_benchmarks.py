@@ -104,3 +104,30 @@ def test_bucket_overhead_counts_the_buckets_it_divides_by(tmp_path):
     # 12 KB tensors against a 10 KB cap: each tensor is a bucket; 64 MiB holds all six
     assert data["buckets_per_backward"] == {"in backward, 0.01 MiB buckets": 6, "in backward, 64 MiB buckets": 1}
     assert set(data["median_ms"]) == {"plain", *data["buckets_per_backward"]} and data["cpu_model"]
+
+
+def test_zero_blocks_flat_partitions_step_as_one_optimizer_over_the_concatenated_weights():
+    import torch
+
+    from lowbit_adamw import AdamW8bit
+    from zero_blocks import Flat
+
+    torch.manual_seed(0)
+    shapes = [(7, 33), (100,), (300, 5), (3,)]  # blocks of 256 straddle every boundary
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    whole = torch.cat([p.detach().reshape(-1) for p in params])
+    flat = Flat(params, 2, lr=1e-2, min_8bit_size=0)
+    assert [p.numel() for p in flat.parts] == [917, 917]  # 1834 elements, two partitions
+    # the reference: one optimizer over the concatenation cut at the same place, given the concatenated gradients
+    ref_parts = [torch.nn.Parameter(whole[:917].clone()), torch.nn.Parameter(whole[917:].clone())]
+    ref = AdamW8bit(ref_parts, lr=1e-2, min_8bit_size=0)
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        flat.step()
+        g = torch.cat([x.reshape(-1) for x in grads])
+        ref_parts[0].grad, ref_parts[1].grad = g[:917].clone(), g[917:].clone()
+        ref.step()
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), torch.cat([p.detach() for p in ref_parts]))
+    assert not torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), whole)  # it did train

@@ -99,3 +99,4 @@ def test_trainer_with_a_zero2_config_builds_adamw8bit_and_tracks_torch_adamw(tmp
     assert [k for k, _ in kinds] == ["fp32", "8bit"] and kinds[0][1] < 4096 < kinds[1][1], kinds
     for step, loss in base["losses"].items():
         assert abs(ours["losses"][step] - loss) <= 0.02 * loss, (ours["losses"], base["losses"])
+

@@ -92,6 +92,28 @@ def say_small_fp32(opt) -> None:
                   f"min_8bit_size=0 would save {saved / 2**20:.2f} MiB of optimizer state", UserWarning, stacklevel=4)
 
 
+def say_fp32_choices_lost(opt) -> None:
+    """Once, at the first step: parameters chosen for fp32 state (``fp32_state=``, the Trainer route's
+    embedding rule, bitsandbytes' ``optim_bits=32`` override) that are no longer the optimizer's own. DeepSpeed
+    ZeRO swaps in flat partitions of the parameters after construction, so a choice tied to a parameter cannot
+    follow it there: its elements get 8-bit state with the rest of their partition."""
+    if opt._lost_said or not opt._fp32_forced:
+        return
+    opt._lost_said = True
+    listed = opt._listed_ids()
+    lost = [p for p in opt._fp32_forced if id(p) in opt._built_ids and id(p) not in listed]
+    if not lost:
+        return
+    n = sum(p.numel() for p in lost)
+    bits, block = opt.param_groups[0]["bits"], opt.param_groups[0]["block_size"]
+    kept = n * (8 - fmt.state_bytes_per_element(bits, block))
+    warnings.warn(f"AdamW8bit: {len(lost)} parameter(s) chosen for fp32 state ({n:,} elements) are no longer among the "
+                  f"optimizer's parameters: they were replaced after it was built (DeepSpeed ZeRO hands the optimizer flat "
+                  f"partitions), so their elements get {bits}-bit state with the rest of their partition "
+                  f"({kept / 2**20:.2f} MiB less optimizer state than fp32 would take for them; docs/integrations.md)",
+                  UserWarning, stacklevel=4)
+
+
 def state_device(p: torch.Tensor, group: dict) -> torch.device:
     """Where the state of ``p`` lives: host memory for an offloaded group, else beside the parameter."""
     return torch.device("cpu") if group.get("offload") == "cpu" else sharding.local(p).device
