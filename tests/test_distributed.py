@@ -31,7 +31,16 @@ def spawn(fn, world, *args, bits=8):
     old = os.environ.get("LOWBIT_TEST_BITS")
     os.environ["LOWBIT_TEST_BITS"] = str(bits)  # read by dist_workers.opt_kw in the children
     try:
-        mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+        try:
+            mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+        except mp.ProcessExitedException as e:
+            # gloo can abort a rank as its process group is torn down ("terminate called without an active
+            # exception"; seen in a full-suite run, with other spawns beside it). That is no result of the
+            # step: the run is repeated once from the start. An assertion in a worker is a ProcessRaisedException
+            # and is never retried, and an abort that comes back fails.
+            if e.signal_name != "SIGABRT":
+                raise
+            mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
     finally:
         if old is None:
             del os.environ["LOWBIT_TEST_BITS"]
