@@ -10,7 +10,7 @@ pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
 import torch.multiprocessing as mp  # noqa: E402
 
 import ds_workers as W  # noqa: E402
-from test_distributed import free_port  # noqa: E402
+from test_distributed import free_port, torchrun_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +51,7 @@ def test_zero_checkpoint_resumes_exactly(zero_runs, stage):
 
 
 def _recipe(*args):
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(root, "recipes", "deepspeed_zero.py"), "--dim", "256", "--layers", "1", "--batch", "4", *args]
-    out = subprocess.run(cmd, cwd=os.path.join(root, "recipes"), capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return {int(line.split()[1]): float(line.split()[3]) for line in out.stdout.splitlines() if line.startswith("step")}, out.stdout
+    return torchrun_recipe(2, *args, recipe="deepspeed_zero.py")
 
 
 def test_the_recipe_with_zero_offload_resumes_exactly(tmp_path):

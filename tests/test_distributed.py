@@ -162,13 +162,14 @@ def test_sharded_rows_that_are_not_whole_blocks_keep_fp32_state(tmp_path):
     assert kinds == {"odd": ("fp32", True), "even": ("8bit", True)}
 
 
-def _torchrun(nproc, *args):
+def torchrun_recipe(nproc, *args, recipe="fsdp2_train.py"):
+    """Run a distributed recipe on a tiny model under torchrun (CPU, gloo): ({step: loss}, stdout)."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           os.path.join(root, "recipes", "fsdp2_train.py"), "--dim", "256", "--layers", "1", "--batch", "4", *args]
+           os.path.join(root, "recipes", recipe), "--dim", "256", "--layers", "1", "--batch", "4", *args]
     out = subprocess.run(cmd, cwd=os.path.join(root, "recipes"), capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -176,9 +177,9 @@ def _torchrun(nproc, *args):
 
 
 def test_fsdp2_recipe_checkpoint_resumes_on_another_world_size(tmp_path):
-    full, stdout = _torchrun(2, "--steps", "4")
+    full, stdout = torchrun_recipe(2, "--steps", "4")
     assert "memory: optimizer state on rank 0" in stdout and "(2.0" in stdout  # about 2 B/param on the shard
-    _torchrun(2, "--steps", "3", "--ckpt", str(tmp_path / "ck"))
-    resumed, stdout = _torchrun(1, "--steps", "1", "--resume", str(tmp_path / "ck"))
+    torchrun_recipe(2, "--steps", "3", "--ckpt", str(tmp_path / "ck"))
+    resumed, stdout = torchrun_recipe(1, "--steps", "1", "--resume", str(tmp_path / "ck"))
     assert "resumed from" in stdout and list(resumed) == [3]
     assert abs(resumed[3] - full[3]) <= 2e-4, (resumed, full)
