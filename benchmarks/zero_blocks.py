@@ -29,6 +29,7 @@ import torch
 
 from benchlib import save
 from lowbit_adamw import AdamW8bit
+from lowbit_adamw.cli import lr_factor
 from lowbit_adamw.tinylm import TinyLM, batches, held_out_loss, token_splits
 
 LR, WARMUP = 2e-3, 18
@@ -82,10 +83,8 @@ def variants(world):
 
 
 def schedule(opt, steps):
-    def factor(i):
-        return (i + 1) / WARMUP if i < WARMUP else 0.1 + 0.45 * (1 + math.cos(math.pi * (i - WARMUP) / max(1, steps - WARMUP)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt.opt if isinstance(opt, Flat) else opt, factor)
+    """The main job's schedule (warmup, cosine decay to a tenth)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt.opt if isinstance(opt, Flat) else opt, lambda i: lr_factor(i, steps, WARMUP))
 
 
 def update_error(steps, world, seed=0):
