@@ -85,7 +85,9 @@ class AdamW8bit(torch.optim.Optimizer):
             propagates into that tensor's parameter and state, as in torch).
         fp32_state: parameters, modules or module types whose parameters keep fp32 state
             (e.g. ``fp32_state=[nn.Embedding]`` with ``model=model``, or ``fp32_state=[model.embed]``).
-        model: the model to search when ``fp32_state`` names module types.
+            A choice made through a module (or a parameter found in ``model``) also holds for a parameter
+            swapped into that module attribute later, as accelerate's FSDP2 does.
+        model: the model to search when ``fp32_state`` names module types (or parameters, to follow them).
         clip_value, clip_norm, max_grad_norm, loss_scale, accumulation_steps, ema_decay,
         ema_overwrite_frequency: see the README (Keras/MLX options).
         step_in_backward: update each parameter during ``backward()``, as soon as its gradient is
@@ -207,6 +209,11 @@ class AdamW8bit(torch.optim.Optimizer):
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
         self._lost_said = False  # placement.say_fp32_choices_lost
+        self._sharded_fp32: list = []  # (local numel, bits, block_size, a block that would fit) of shards kept fp32
+        self._sharded_said = False
+        # (weakref to module, attribute, id of the parameter there) for each fp32_state choice whose home is known:
+        # placement.follows_fp32_choice (a copy does not follow: it holds its own parameters)
+        self._fp32_slots: list = []
         self._built_ids = self._listed_ids()  # the parameters it was built with (a copy: the copy's own)
 
     # ---- copies: deepcopy, pickle, torch.save ----------------------------------------------------
@@ -432,6 +439,7 @@ class AdamW8bit(torch.optim.Optimizer):
             self._reporter.prepare((gi, str(dev)), dev, lambda: group_labels)
         if group is self.param_groups[-1]:
             placement.say_small_fp32(self)
+            placement.say_sharded_fp32(self)
             placement.say_fp32_choices_lost(self)
 
     def _listed_ids(self) -> frozenset:

@@ -43,6 +43,9 @@ def main(argv=None):
     ap.add_argument("--report-out", default=None, help="write losses and optimizer facts as JSON here")
     ap.add_argument("--deepspeed-stage", type=int, choices=(1, 2, 3), default=None,
                     help="train under DeepSpeed ZeRO at this stage (launch with torchrun; DS_ACCELERATOR=cpu on a CPU)")
+    ap.add_argument("--optim-args", default=None, help='TrainingArguments.optim_args, e.g. "block_size=128"')
+    ap.add_argument("--fsdp2", action="store_true",
+                    help="shard with accelerate's FSDP2 (fully_shard per decoder layer; launch with torchrun)")
     args = ap.parse_args(argv)
 
     model = tiny_llama(seed=0)
@@ -54,11 +57,13 @@ def main(argv=None):
         logging_steps=1, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         report_to="none", use_cpu=not torch.cuda.is_available(), bf16=args.bf16, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
-        optim="adamw_torch" if args.route == "cls_kwargs" else args.optim,
+        optim="adamw_torch" if args.route == "cls_kwargs" else args.optim, optim_args=args.optim_args,
         # The Trainer fills in the "auto" values and sets zero_allow_untested_optimizer itself.
         deepspeed=None if args.deepspeed_stage is None else {
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
             "zero_optimization": {"stage": args.deepspeed_stage}},
+        fsdp="full_shard" if args.fsdp2 else "",
+        fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]} if args.fsdp2 else None,
     )
     extra = {}
     if args.route == "cls_kwargs":
@@ -79,6 +84,8 @@ def main(argv=None):
     print(f"optimizer: {type(inner).__module__}.{type(inner).__name__}")
     print(f"loss: step {first} {log.losses[first]:.4f} -> step {last} {log.losses[last]:.4f}")
     print(f"memory: {memory_summary(inner)}")
+    if args.fsdp2 and not any(hasattr(p, "placements") for g in inner.param_groups for p in g["params"]):
+        print("note: accelerate ran DDP, not FSDP2 (it drops the FSDP plugin on a machine without GPUs)")
     if args.report_out:
         fp32 = [n for n, p in model.named_parameters() if "exp_avg" in inner.state.get(p, {})]
         with open(args.report_out, "w") as f:

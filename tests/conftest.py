@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 NUMERICS = ("test_compiled_cpu.py", "test_nonfinite.py", "test_options.py", "test_format.py", "test_4bit.py",
             "test_cpu_kernel.py")
 # Tests of several seconds each (subprocesses, real training runs): `bash scripts/test.sh --quick` leaves them out.
-SLOW = ("test_distributed.py", "test_deepspeed.py", "test_cpu_code_paths.py::test_every_backend", "test_memory.py::test_estimate_matches_measured", "test_memory.py::test_cli_memory_subcommand",
+SLOW = ("test_distributed.py", "test_deepspeed.py", "test_accelerate_fsdp2.py", "test_cpu_code_paths.py::test_every_backend", "test_memory.py::test_estimate_matches_measured", "test_memory.py::test_cli_memory_subcommand",
         "test_integrations.py::test_trainer_resume", "test_integrations.py::test_recipes_run",
         "test_integrations.py::test_unmodified", "test_integrations.py::test_trainer_grad_accumulation",
         "test_benchmarks.py::test_codec_quality", "test_benchmarks.py::test_step_speed",

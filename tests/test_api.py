@@ -213,6 +213,46 @@ def test_fp32_choices_of_replaced_parameters_are_said_once_with_their_bytes():
     assert "exp_avg_codes" in opt.state[flat]
 
 
+def _swap_in(module, name, opt):
+    """What accelerate's FSDP2 preparation does after the optimizer is built: a new parameter takes the old one's
+    place in its module (fully_shard) and in the optimizer's groups (fsdp2_switch_optimizer_parameters)."""
+    old = module._parameters[name]
+    new = torch.nn.Parameter(old.detach().clone())
+    setattr(module, name, new)
+    for g in opt.param_groups:
+        g["params"] = [new if q is old else q for q in g["params"]]
+    return new
+
+
+@pytest.mark.parametrize("how", ["module", "module_type", "tensor_with_model", "tensor_alone"])
+def test_fp32_choices_follow_a_parameter_swapped_into_their_module(how):
+    """An fp32-state choice made by module (or by tensor with model=) is kept by the parameter that takes the
+    chosen one's place in its module after construction; a bare tensor with no model cannot be followed,
+    and the first step says so."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 300))
+    choice = {"module": dict(fp32_state=[model[0]]), "module_type": dict(fp32_state=[torch.nn.Embedding], model=model),
+              "tensor_with_model": dict(fp32_state=[model[0].weight], model=model),
+              "tensor_alone": dict(fp32_state=[model[0].weight])}[how]
+    opt = AdamW8bit(model.parameters(), min_8bit_size=0, **choice)
+    emb, lin = _swap_in(model[0], "weight", opt), _swap_in(model[1], "weight", opt)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    said = [str(w.message) for w in caught if "no longer among" in str(w.message)]
+    assert "exp_avg_codes" in opt.state[lin]  # an unchosen swapped-in parameter still gets 8-bit state
+    if how == "tensor_alone":
+        assert "exp_avg_codes" in opt.state[emb] and len(said) == 1 and "model= was given" in said[0], said
+    else:
+        assert "exp_avg" in opt.state[emb] and "exp_avg_codes" not in opt.state[emb] and not said, said
+        assert opt.state_dict()["param_groups"]  # the optimizer still saves as usual
+
+
+
 def test_nothing_is_said_when_the_chosen_parameters_are_still_the_optimizers():
     import warnings
 

@@ -62,7 +62,7 @@ def test_the_recipe_with_zero_offload_resumes_exactly(tmp_path):
     assert "resumed from" in stdout and resumed == {2: full[2], 3: full[3]}
 
 
-def test_trainer_with_a_zero2_config_builds_adamw8bit_and_tracks_torch_adamw(tmp_path):
+def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_resumes_exactly(tmp_path):
     pytest.importorskip("transformers")
     import subprocess
     import sys
@@ -78,10 +78,11 @@ def test_trainer_with_a_zero2_config_builds_adamw8bit_and_tracks_torch_adamw(tmp
                              env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                                       TOKENIZERS_PARALLELISM="false"))
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        return json.loads(report.read_text())
+        return json.loads(report.read_text()), out.stderr
 
-    ours = run("--route", "install", "--optim", "adamw_8bit")  # the Trainer string, routed to AdamW8bit by install()
-    base = run("--route", "plain", "--optim", "adamw_torch")
+    # the Trainer string, routed to AdamW8bit by install()
+    ours, said = run("--route", "install", "--optim", "adamw_8bit", "--save-steps", "3")
+    base, _ = run("--route", "plain", "--optim", "adamw_torch")
     assert ours["optimizer"] == "lowbit_adamw.optimizer.AdamW8bit"
     assert base["optimizer"] == "torch.optim.adamw.AdamW"
     # the Trainer's two param groups (with and without weight decay) give each rank two flat partitions: the
@@ -90,4 +91,9 @@ def test_trainer_with_a_zero2_config_builds_adamw8bit_and_tracks_torch_adamw(tmp
     assert [k for k, _ in kinds] == ["fp32", "8bit"] and kinds[0][1] < 4096 < kinds[1][1], kinds
     for step, loss in base["losses"].items():
         assert abs(ours["losses"][step] - loss) <= 0.02 * loss, (ours["losses"], base["losses"])
+    # the embedding rule cannot follow the weights into ZeRO's flat partitions: the first step says so, per rank
+    assert said.count("1 parameter(s) chosen for fp32 state (32,768 elements) are no longer among") == 2, said[-3000:]
+    resumed, _ = run("--route", "install", "--optim", "adamw_8bit", "--resume", str(tmp_path / "out" / "checkpoint-3"))
+    assert resumed["losses"] == {k: v for k, v in ours["losses"].items() if int(k) > 3}, (resumed["losses"], ours["losses"])
+    assert resumed["state_kinds"] == ours["state_kinds"]
 

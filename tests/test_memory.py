@@ -111,6 +111,25 @@ def test_state_bytes_counts_kinds_for_our_state():
     assert s["other"] == 4 * len(list(model.parameters()))
 
 
+def test_monitor_report_says_why_tensors_keep_full_state():
+    """The report counts the full-precision state by its cause (tests/test_accelerate_fsdp2.py has the
+    sharded-rows cause under FSDP2)."""
+    model = tiny_model()
+    emb = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    opt = AdamW8bit(model.parameters(), fp32_state=emb)
+    mon = MemoryMonitor(opt, model=model)
+    x = torch.randint(0, 256, (4, 33))
+    model.loss(x[:, :-1], x[:, 1:]).backward()
+    opt.step()
+    small = [p for p in model.parameters() if p.numel() < 4096]
+    want = {"fp32_state": {"tensors": len(emb), "bytes": 8 * sum(m.weight.numel() for m in emb)},
+            "min_8bit_size": {"tensors": len(small), "bytes": 8 * sum(p.numel() for p in small)}}
+    rep = mon.report()
+    assert rep.to_dict()["full_state_causes"] == want
+    assert sum(c["bytes"] for c in want.values()) == optimizer_state_bytes(opt)["full"]
+    assert f"full-precision state kept for: {len(emb)} tensor(s) by fp32_state" in rep.table()
+
+
 def test_monitor_in_a_plain_loop_writes_json_and_png(tmp_path):
     model = tiny_model()
     opt = AdamW8bit(model.parameters())

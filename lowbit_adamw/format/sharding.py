@@ -48,8 +48,25 @@ def can_quantize(p: torch.Tensor, block_size: int) -> bool:
     """Whether a DTensor parameter's blocks are independent of its sharding (see module doc)."""
     if not is_dtensor(p):
         return True
-    placements_ok = all(pl == Replicate() or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements)
-    return placements_ok and p.dim() >= 2 and row_length(p) % block_size == 0
+    return _sharded_by_rows(p) and row_length(p) % block_size == 0
+
+
+def _sharded_by_rows(p: torch.Tensor) -> bool:
+    return p.dim() >= 2 and all(pl == Replicate() or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements)
+
+
+def largest_row_block(p: torch.Tensor, block_size: int) -> int | None:
+    """The largest block size up to ``block_size`` (a power of two, at least the format's minimum) under which
+    ``p`` could take quantized state by ``can_quantize``'s rule; None if none could (1-D, wrong placements)."""
+    from . import MIN_BLOCK_SIZE
+
+    if not is_dtensor(p) or not _sharded_by_rows(p):
+        return None
+    n = row_length(p)
+    if n == 0:
+        return None
+    block = min(block_size, n & -n)  # n & -n: the largest power of two dividing n
+    return block if block >= MIN_BLOCK_SIZE else None
 
 
 def codes_shape(p: torch.Tensor, bits: int) -> tuple[int, ...]:

@@ -114,16 +114,10 @@ def parse_optim_args(optim_args: str | dict | None) -> dict[str, Any]:
     return out
 
 
-def embedding_params(model: nn.Module) -> list[nn.Parameter]:
-    """Weights of every ``nn.Embedding`` in ``model``: the tensors Trainer keeps in fp32 state for bitsandbytes."""
-    seen, out = set(), []
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            for p in module.parameters(recurse=False):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-    return out
+def embedding_modules(model: nn.Module) -> list[nn.Embedding]:
+    """Every ``nn.Embedding`` in ``model``. The Trainer routes name these modules (not their weights) as
+    ``fp32_state``, so the choice follows a weight that accelerate's FSDP2 swaps in after the optimizer is built."""
+    return [m for m in model.modules() if isinstance(m, nn.Embedding)]
 
 
 def optimizer_cls_and_kwargs(args, model: nn.Module | None = None, *, embedding_fp32: bool = True, defaults=None, **overrides):
@@ -142,7 +136,7 @@ def optimizer_cls_and_kwargs(args, model: nn.Module | None = None, *, embedding_
     }
     kwargs.update(parse_optim_args(getattr(args, "optim_args", None)))
     if model is not None and embedding_fp32:
-        kwargs["fp32_state"] = embedding_params(model)
+        kwargs["fp32_state"] = embedding_modules(model)
     kwargs.update(overrides)
     if kwargs.get("step_in_backward"):
         # Trainer clips and accumulates between backward and optimizer.step(); by then the gradients

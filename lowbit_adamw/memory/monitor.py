@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from .estimation import _meta
 from .report import MemoryReport, MemoryRow
-from .state import _tensor_bytes, optimizer_state_bytes
+from .state import _tensor_bytes, full_state_causes, optimizer_state_bytes
 
 
 class MemoryMonitor:
@@ -83,6 +83,9 @@ class MemoryMonitor:
         dev = next(iter(params.values())).device.type if params else "cpu"
         meta = _meta(dev)
         steps = getattr(opt, "accumulation_steps", 1)
+        causes = full_state_causes(opt)
+        if causes:
+            meta["full_state_causes"] = causes
         if steps > 1:  # AdamW8bit accumulates in .grad (autograd's own sum): no buffer of its own
             meta["gradient_accumulation"] = dict(steps=steps, extra_bytes=0, where="in .grad (counted under grads)")
         return MemoryReport(self.name, sum(p.numel() for p in params.values()), sum(p.numel() for p in trainable), "measured",

@@ -99,6 +99,10 @@ class MemoryReport:
             cells.append(f"{r.state / max(self.trainable, 1):12.2f}")
             cells.append(f"{(base.total - r.total) / div:+12.3f}"[:12].rjust(12) if r is not base else "-".rjust(12))
             lines.append(r.label.ljust(width) + "".join(cells))
+        causes = self.meta.get("full_state_causes")
+        if causes:
+            lines.append("full-precision state kept for: " + "; ".join(
+                f"{c['tensors']} tensor(s) by {cause} ({c['bytes'] / div:.3f} {unit})" for cause, c in causes.items()))
         acc = self.meta.get("gradient_accumulation")
         if acc:
             lines.append(f"gradient accumulation over {acc['steps']} micro-steps: {acc['extra_bytes']} extra bytes ({acc['where']})")

@@ -74,6 +74,31 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, where: str = "all") 
     return out
 
 
+def full_state_causes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int]]:
+    """For an ``AdamW8bit``: why the tensors with full-precision moments have them, as
+    ``{cause: {"tensors": n, "bytes": state bytes on this rank}}`` with the causes of
+    ``lowbit_adamw.optim.placement.full_state_cause`` (``"shard_rows"``: FSDP2 shards whose rows are not whole
+    blocks), and ``"loaded"`` for state that came that way from a checkpoint. Empty for other optimizers."""
+    if not hasattr(optimizer, "_fp32_forced"):
+        return {}
+    from ..optim import placement
+
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out: dict[str, dict[str, int]] = {}
+    for p, state in optimizer.state.items():
+        if "exp_avg" not in state or id(p) not in group_of:
+            continue
+        cause = placement.full_state_cause(optimizer, p, group_of[id(p)]) or "loaded"
+        row = out.setdefault(cause, {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state:
+                v = state[key]
+                row["bytes"] += _tensor_bytes(v.to_local() if is_dtensor(v) else v)
+    order = placement.FULL_STATE_CAUSES + ("loaded",)
+    return {cause: out[cause] for cause in order if cause in out}
+
+
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     seen, out = set(), []
     for name, p in model.named_parameters():

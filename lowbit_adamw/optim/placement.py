@@ -6,6 +6,7 @@ the other side). Functions of the optimizer (``opt``): it owns the state, these 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -27,24 +28,54 @@ def full_state_dtype(p: torch.Tensor) -> torch.dtype:
 
 def force_fp32_state(opt, *items, model: nn.Module | None = None) -> None:
     """Keep fp32 state for these parameters, modules, or module types (searched in ``model``).
-    Parameters that already have 8-bit state are converted (dequantized) in place."""
+    Parameters that already have 8-bit state are converted (dequantized) in place.
+
+    The choice is also remembered by where each parameter lives (its module and attribute name) when that
+    is known: a module or module type names it, and a bare parameter is looked up in ``model`` when given.
+    A parameter that replaces it there later (accelerate's FSDP2 swaps sharded parameters into the modules
+    and into the optimizer after construction) keeps the choice (``follows_fp32_choice``)."""
     params: list[torch.Tensor] = []
+    modules: list[nn.Module] = []
     for item in items:
         if isinstance(item, type) and issubclass(item, nn.Module):
             if model is None:
                 raise ValueError(f"fp32_state names the module type {item.__name__}: pass model= to search it")
-            params += [p for mod in model.modules() if isinstance(mod, item) for p in mod.parameters(recurse=False)]
+            found = [mod for mod in model.modules() if isinstance(mod, item)]
+            params += [p for mod in found for p in mod.parameters(recurse=False)]
+            modules += found
         elif isinstance(item, nn.Module):
             params += list(item.parameters())
+            modules += list(item.modules())
         elif isinstance(item, torch.Tensor):
             params.append(item)
+            if model is not None:
+                modules += [mod for mod in model.modules() if any(q is item for q in mod._parameters.values())]
         else:
             raise TypeError(f"fp32_state items must be parameters, modules or module types, got {type(item).__name__}")
+    chosen = {id(p) for p in params}
+    for mod in modules:
+        for name, q in mod._parameters.items():
+            if q is not None and id(q) in chosen:
+                opt._fp32_slots.append((weakref.ref(mod), name, id(q)))
     for p in params:
         opt._fp32_forced[p] = True
         state = opt.state.get(p)
         if state and "exp_avg_codes" in state:
             dequantize_state(opt, p, state)
+
+
+def follows_fp32_choice(opt, p: torch.Tensor) -> bool:
+    """Whether ``p`` took the place of a parameter chosen for fp32 state, in the module attribute that
+    held it (see ``force_fp32_state``); if so it is chosen itself from now on. Only parameters the
+    optimizer was not built with are looked up, once each, when their state is created."""
+    if not opt._fp32_slots or id(p) in opt._built_ids:
+        return False
+    for ref, name, _ in opt._fp32_slots:
+        mod = ref()
+        if mod is not None and mod._parameters.get(name) is p:
+            opt._fp32_forced[p] = True
+            return True
+    return False
 
 
 def dequantize_state(opt, p, state) -> None:
@@ -69,11 +100,28 @@ def group_of(opt, p):
     raise KeyError("parameter is not in this optimizer")
 
 
-def wants_8bit(opt, p: torch.Tensor, group: dict, min_size: int | None = None) -> bool:
-    if p.dtype not in QUANTIZABLE_DTYPES or group["fp32_state"] or p in opt._fp32_forced:
-        return False
+FULL_STATE_CAUSES = ("dtype", "fp32_state", "min_8bit_size", "shard_rows")  # in the order full_state_cause asks
+
+
+def full_state_cause(opt, p: torch.Tensor, group: dict, min_size: int | None = None) -> str | None:
+    """Why ``p`` gets full-precision state, or None if it gets 8-bit (4-bit) codes: ``"dtype"`` (float64,
+    complex128), ``"fp32_state"`` (the group's flag, or chosen: ``force_fp32_state``), ``"min_8bit_size"``
+    (too small), ``"shard_rows"`` (a DTensor whose rows are not whole blocks, or not sharded by rows:
+    ``format.sharding.can_quantize``)."""
+    if p.dtype not in QUANTIZABLE_DTYPES:
+        return "dtype"
+    if group["fp32_state"] or p in opt._fp32_forced or follows_fp32_choice(opt, p):
+        return "fp32_state"
     min_size = opt._min_size_override.get(p, group["min_8bit_size"]) if min_size is None else min_size
-    return layout.real_view(p).numel() >= min_size and sharding.can_quantize(p, group["block_size"])
+    if layout.real_view(p).numel() < min_size:
+        return "min_8bit_size"
+    if not sharding.can_quantize(p, group["block_size"]):
+        return "shard_rows"
+    return None
+
+
+def wants_8bit(opt, p: torch.Tensor, group: dict, min_size: int | None = None) -> bool:
+    return full_state_cause(opt, p, group, min_size) is None
 
 
 def say_small_fp32(opt) -> None:
@@ -92,16 +140,46 @@ def say_small_fp32(opt) -> None:
                   f"min_8bit_size=0 would save {saved / 2**20:.2f} MiB of optimizer state", UserWarning, stacklevel=4)
 
 
+def say_sharded_fp32(opt) -> None:
+    """Once, at the first step: DTensor parameters (FSDP2) large enough for 8-bit state that keep fp32 state
+    because their shards cannot hold whole blocks on every world size (``format.sharding``): how many, what
+    that costs on this rank, and the block size that would let those whose rows allow it take 8-bit state."""
+    if opt._sharded_said or not opt._sharded_fp32:
+        return
+    opt._sharded_said = True
+    entries = opt._sharded_fp32
+    n = sum(e[0] for e in entries)
+    extra = sum(numel * 8 - numel * fmt.state_bytes_per_element(bits, block) for numel, bits, block, _ in entries)
+    fixable = [e for e in entries if e[3] is not None]
+    line = (f"AdamW8bit: {len(entries)} sharded tensor(s) ({n:,} elements on this rank) keep fp32 state (8 B/param, "
+            f"{extra / 2**20:.2f} MiB more than {entries[0][1]}-bit state) because their rows are not whole blocks of "
+            f"block_size={entries[0][2]}: a block may not cross a row, so the state reshards with the parameter "
+            "(docs/integrations.md, FSDP2).")
+    if fixable:
+        smaller = min(e[3] for e in fixable)
+        line += f" block_size={smaller} would give {len(fixable)} of them {entries[0][1]}-bit state."
+    if len(fixable) < len(entries):
+        line += (f" {len(entries) - len(fixable)} cannot take it at any block size (1-D, sharded on another dim, or rows "
+                 f"of fewer than {fmt.MIN_BLOCK_SIZE} or an odd number of elements).")
+    warnings.warn(line, UserWarning, stacklevel=4)
+
+
 def say_fp32_choices_lost(opt) -> None:
     """Once, at the first step: parameters chosen for fp32 state (``fp32_state=``, the Trainer route's
-    embedding rule, bitsandbytes' ``optim_bits=32`` override) that are no longer the optimizer's own. DeepSpeed
-    ZeRO swaps in flat partitions of the parameters after construction, so a choice tied to a parameter cannot
+    embedding rule, bitsandbytes' ``optim_bits=32`` override) that are no longer the optimizer's own, and
+    whose place no parameter of the optimizer took (``follows_fp32_choice``). DeepSpeed ZeRO hands the
+    optimizer flat partitions of the parameters after construction, so a choice tied to a parameter cannot
     follow it there: its elements get 8-bit state with the rest of their partition."""
     if opt._lost_said or not opt._fp32_forced:
         return
     opt._lost_said = True
     listed = opt._listed_ids()
-    lost = [p for p in opt._fp32_forced if id(p) in opt._built_ids and id(p) not in listed]
+    followed = set()
+    for ref, name, orig in opt._fp32_slots:
+        mod = ref()
+        if mod is not None and id(mod._parameters.get(name)) in listed:
+            followed.add(orig)
+    lost = [p for p in opt._fp32_forced if id(p) in opt._built_ids and id(p) not in listed and id(p) not in followed]
     if not lost:
         return
     n = sum(p.numel() for p in lost)
@@ -109,7 +187,8 @@ def say_fp32_choices_lost(opt) -> None:
     kept = n * (8 - fmt.state_bytes_per_element(bits, block))
     warnings.warn(f"AdamW8bit: {len(lost)} parameter(s) chosen for fp32 state ({n:,} elements) are no longer among the "
                   f"optimizer's parameters: they were replaced after it was built (DeepSpeed ZeRO hands the optimizer flat "
-                  f"partitions), so their elements get {bits}-bit state with the rest of their partition "
+                  f"partitions; a parameter swapped in elsewhere is followed only when fp32_state named its module, or "
+                  f"model= was given), so their elements get {bits}-bit state "
                   f"({kept / 2**20:.2f} MiB less optimizer state than fp32 would take for them; docs/integrations.md)",
                   UserWarning, stacklevel=4)
 
@@ -143,7 +222,8 @@ def init_state(opt, p: torch.Tensor, group: dict) -> dict:
     dev = state_device(p, group)
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     names = state_names(group["amsgrad"])
-    if wants_8bit(opt, p, group):
+    cause = full_state_cause(opt, p, group)
+    if cause is None:
         block, bits = group["block_size"], group["bits"]
         numel = layout.real_view(sharding.local(p)).numel()
         for name in names:
@@ -162,8 +242,11 @@ def init_state(opt, p: torch.Tensor, group: dict) -> dict:
                 state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=dev)
         opt._layouts[p] = (bits, block)
     else:
-        if wants_8bit(opt, p, group, min_size=0):
+        if cause == "min_8bit_size" and wants_8bit(opt, p, group, min_size=0):
             opt._small_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"]))
+        elif cause == "shard_rows":
+            opt._sharded_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"],
+                                      sharding.largest_row_block(p, group["block_size"])))
         for name in names:
             state[name] = torch.zeros_like(p, dtype=full_state_dtype(p), memory_format=torch.preserve_format,
                                            device=dev)
