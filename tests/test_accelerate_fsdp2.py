@@ -3,13 +3,13 @@
 unsharded parameters and swaps the sharded ones in afterwards."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+
+from test_distributed import torchrun  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,12 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def trainer_fsdp2(tmp_path, *args):
     """recipes/hf_trainer_finetune.py --fsdp2 on 2 ranks: (its JSON report, stdout + stderr)."""
     report = tmp_path / f"report_{len(list(tmp_path.glob('report_*')))}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(ROOT, "tests", "accelerate_fsdp_cpu.py"), os.path.join(ROOT, "recipes", "hf_trainer_finetune.py"),
-           "--fsdp2", "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args]
-    out = subprocess.run(cmd, cwd=os.path.join(ROOT, "recipes"), capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = torchrun(2, os.path.join(ROOT, "tests", "accelerate_fsdp_cpu.py"), os.path.join(ROOT, "recipes", "hf_trainer_finetune.py"),
+                   "--fsdp2", "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args)
     return json.loads(report.read_text()), out.stdout + out.stderr
 
 

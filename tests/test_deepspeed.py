@@ -10,7 +10,7 @@ pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
 import torch.multiprocessing as mp  # noqa: E402
 
 import ds_workers as W  # noqa: E402
-from test_distributed import free_port, torchrun_recipe  # noqa: E402
+from test_distributed import free_port, torchrun, torchrun_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +64,12 @@ def test_the_recipe_with_zero_offload_resumes_exactly(tmp_path):
 
 def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_resumes_exactly(tmp_path):
     pytest.importorskip("transformers")
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def run(*args):
         report = tmp_path / f"report_{len(list(tmp_path.iterdir()))}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               os.path.join(root, "recipes", "hf_trainer_finetune.py"), "--deepspeed-stage", "2", "--steps", "6",
-               "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args]
-        out = subprocess.run(cmd, cwd=os.path.join(root, "recipes"), capture_output=True, text=True, timeout=600,
-                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                                      TOKENIZERS_PARALLELISM="false"))
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        out = torchrun(2, os.path.join(root, "recipes", "hf_trainer_finetune.py"), "--deepspeed-stage", "2", "--steps", "6",
+                       "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args, DS_ACCELERATOR="cpu")
         return json.loads(report.read_text()), out.stderr
 
     # the Trainer string, routed to AdamW8bit by install()
