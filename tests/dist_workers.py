@@ -190,9 +190,12 @@ def nonfinite_on_one_rank(rank, world, port, out_dir):
         fully_shard(lin)
         o = AdamW8bit(lin.parameters(), **opt_kw())
         lin(torch.ones(2, lin.in_features)).sum().backward()
-        o.step()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            o.step()
         st = o.state[lin.weight]
-        kinds[name] = ("8bit" if "exp_avg_codes" in st else "fp32", all(is_dtensor(v) for k, v in st.items() if k != "step"))
+        kinds[name] = ("8bit" if "exp_avg_codes" in st else "fp32", all(is_dtensor(v) for k, v in st.items() if k != "step"),
+                       [str(w.message) for w in said if "sharded tensor(s)" in str(w.message)])
     torch.save({"kinds": kinds, "unchanged": torch.equal(before[bad], after[bad]), "rest_moved": bool((before[~bad] != after[~bad]).float().mean() > 0.9),
                 "warned": any("parameter" in str(w.message) and "1 block" in str(w.message) for w in caught),
                 "others_moved": not torch.equal(model.head.weight.full_tensor(), tiny_model(seed=0, dim=64, layers=2, seq_len=33).head.weight)},

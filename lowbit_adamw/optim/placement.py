@@ -160,7 +160,7 @@ def say_sharded_fp32(opt) -> None:
         line += f" block_size={smaller} would give {len(fixable)} of them {entries[0][1]}-bit state."
     if len(fixable) < len(entries):
         line += (f" {len(entries) - len(fixable)} cannot take it at any block size (1-D, sharded on another dim, or rows "
-                 f"of fewer than {fmt.MIN_BLOCK_SIZE} or an odd number of elements).")
+                 f"whose length is not a multiple of {fmt.MIN_BLOCK_SIZE}).")
     warnings.warn(line, UserWarning, stacklevel=4)
 
 
