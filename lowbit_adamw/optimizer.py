@@ -33,7 +33,7 @@ from . import migrate
 from .format import layout, sharding
 from .migrate import convert
 from .offload.steps import OffloadSteps
-from .optim import bnb_compat, checkpoint, placement, validation
+from .optim import bnb_compat, checkpoint, notices, placement, validation
 from .optim.in_backward import InBackward, check_single_device
 from .optim.nonfinite import NonfiniteReporter
 from .optim.placement import QUANTIZABLE_DTYPES
@@ -208,7 +208,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._offload = OffloadSteps(self)  # the offloaded buckets' pipelines (lowbit_adamw.offload.steps)
         self._small_fp32: list = []  # (numel, bits, block_size) of new fp32 state kept only for min_8bit_size
         self._small_said = False
-        self._lost_said = False  # placement.say_fp32_choices_lost
+        self._lost_said = False  # notices.say_fp32_choices_lost
         self._sharded_fp32: list = []  # (local numel, bits, block_size, a block that would fit) of shards kept fp32
         self._sharded_said = False
         # (weakref to module, attribute, id of the parameter there) for each fp32_state choice whose home is known:
@@ -438,9 +438,9 @@ class AdamW8bit(torch.optim.Optimizer):
             self._cache_id(gi, dev, local.dtype)
             self._reporter.prepare((gi, str(dev)), dev, lambda: group_labels)
         if group is self.param_groups[-1]:
-            placement.say_small_fp32(self)
-            placement.say_sharded_fp32(self)
-            placement.say_fp32_choices_lost(self)
+            notices.say_small_fp32(self)
+            notices.say_sharded_fp32(self)
+            notices.say_fp32_choices_lost(self)
 
     def _listed_ids(self) -> frozenset:
         return frozenset(id(p) for g in getattr(self, "param_groups", ()) for p in g["params"])
