@@ -36,6 +36,10 @@ REPORT_AT = (30, 300, 1000, 2000, 3000, 5000, 10000)
 
 
 def make(name, params):
+    if name.startswith("cand:"):  # a candidate codec (codec_candidates.py)
+        from codec_candidates import CodecSim
+
+        return CodecSim(params, name[5:], min_8bit_size=0)
     if name.startswith("lowbit"):
         from lowbit_adamw import AdamW8bit
 
@@ -51,6 +55,8 @@ def make(name, params):
 
 def decoded(name, opt, p):
     """(m, v) of parameter p as fp32 flat tensors, through the library's own decoding."""
+    if name.startswith("cand:"):
+        return opt.decoded(p)
     s = opt.state[p]
     if name.startswith("lowbit"):
         from lowbit_adamw import format as fmt

@@ -24,7 +24,12 @@ def run(name, lr, steps, dim, layers, seq_len, batch, eval_every, seed=0):
     train, val = token_splits()
     torch.manual_seed(seed)
     model = TinyLM(dim=dim, layers=layers, seq_len=seq_len)
-    opt = make_optimizer(name, model, lr=lr)
+    if name.startswith("cand:"):  # a candidate codec (codec_candidates.py), with AdamW8bit's defaults
+        from codec_candidates import CodecSim
+
+        opt = CodecSim(model.parameters(), name[5:], lr=lr)
+    else:
+        opt = make_optimizer(name, model, lr=lr)
     data = batches(train, batch, seq_len, seed=seed)
     curve, evals, t0 = [], [], time.perf_counter()
     for step in range(1, steps + 1):
@@ -36,7 +41,7 @@ def run(name, lr, steps, dim, layers, seq_len, batch, eval_every, seed=0):
         curve.append(loss.item())
         if step % eval_every == 0 or step == steps or step in EARLY:
             evals.append((step, held_out_loss(model, val, seq_len)))
-    return dict(optimizer=name, label=OPTIMIZERS[name], lr=lr, seed=seed, train_curve=curve, held_out=evals,
+    return dict(optimizer=name, label=OPTIMIZERS.get(name, name), lr=lr, seed=seed, train_curve=curve, held_out=evals,
                 final_held_out=evals[-1][1], finite=all(c == c and abs(c) != float("inf") for c in curve),
                 seconds=time.perf_counter() - t0)
 

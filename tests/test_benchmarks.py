@@ -97,6 +97,31 @@ def test_codec_drift_tracks_decoded_state_against_fp32_moments(monkeypatch):
         assert 0 < last["update_error"] < (0.05 if name == "lowbit_8bit" else 0.6), name
 
 
+def test_float_codes_are_exact_on_their_levels_and_unbiased_with_the_dither():
+    import torch
+
+    from codec_candidates import _float_code, _float_level
+
+    levels = _float_level(torch.arange(241), 4, 4)  # E4M4: 2^-15 .. 1, 16 levels a binade
+    assert levels[-1] == 1.0 and levels[0] == 2.0**-15 and bool((levels[1:] > levels[:-1]).all())
+    assert torch.equal(_float_code(levels, 4, 4, None), torch.arange(241))
+    s = torch.full((200_000,), 0.3)  # between two levels: the dithered code decodes to s on average
+    u = torch.rand(s.shape, generator=torch.Generator().manual_seed(0))
+    mean = _float_level(_float_code(s, 4, 4, u), 4, 4).double().mean().item()
+    assert abs(mean / 0.3 - 1) < 2e-3 and len(set(_float_code(s, 4, 4, u).tolist())) == 2
+
+
+def test_codec_candidates_simulate_format_v4_beside_a_root_free_v_code(monkeypatch):
+    import codec_drift
+
+    monkeypatch.setattr(codec_drift, "REPORT_AT", (100,))
+    r = codec_drift.run_stream("noise", 100, ["lowbit_8bit", "cand:v4sim", "cand:vHyb256+B"], quick=True)
+    last = {name: res["rows"][-1] for name, res in r["results"].items()}
+    # the simulation of format v4 gives the shipped codec's figures (same maps, same kind of dither)
+    assert abs(last["cand:v4sim"]["update_error"] / last["lowbit_8bit"]["update_error"] - 1) < 0.1, last
+    assert abs(last["cand:vHyb256+B"]["v_bias"]) < 0.01 and 0 < last["cand:vHyb256+B"]["update_error"] < 0.05, last
+
+
 def test_bucket_overhead_counts_the_buckets_it_divides_by(tmp_path):
     out = tmp_path / "b.json"
     script("bucket_overhead.py", "--count", "6", "--numel", "3000", "--bucket-mb", "0.01", "64", "--rounds", "1", "--out", str(out))
