@@ -192,7 +192,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 self._min_size_override[p] = validation.check_int("min_8bit_size (GlobalOptimManager override)", config["min_8bit_size"], 0)
         if fp32_state is not None:
             self.force_fp32_state(*fp32_state, model=model)
-        self._built_ids = self._listed_ids()
+        self._built_ids = self._built_layouts()
 
     def _init_runtime(self) -> None:
         """What a copy of the optimizer rebuilds instead of copying: caches, hooks, pending buckets."""
@@ -214,7 +214,7 @@ class AdamW8bit(torch.optim.Optimizer):
         # (weakref to module, attribute, id of the parameter there) for each fp32_state choice whose home is known:
         # placement.follows_fp32_choice (a copy does not follow: it holds its own parameters)
         self._fp32_slots: list = []
-        self._built_ids = self._listed_ids()  # the parameters it was built with (a copy: the copy's own)
+        self._built_ids = self._built_layouts()  # the parameters it was built with (a copy: the copy's own)
 
     # ---- copies: deepcopy, pickle, torch.save ----------------------------------------------------
 
@@ -441,6 +441,10 @@ class AdamW8bit(torch.optim.Optimizer):
             notices.say_small_fp32(self)
             notices.say_sharded_fp32(self)
             notices.say_fp32_choices_lost(self)
+
+    def _built_layouts(self) -> dict:
+        """id of each listed parameter -> its group's (bits, block_size): what the lost-choice notice prices."""
+        return {id(p): (g["bits"], g["block_size"]) for g in getattr(self, "param_groups", ()) for p in g["params"]}
 
     def _listed_ids(self) -> frozenset:
         return frozenset(id(p) for g in getattr(self, "param_groups", ()) for p in g["params"])

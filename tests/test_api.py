@@ -213,6 +213,22 @@ def test_fp32_choices_of_replaced_parameters_are_said_once_with_their_bytes():
     assert "exp_avg_codes" in opt.state[flat]
 
 
+def test_a_lost_fp32_choice_is_priced_with_the_width_of_its_own_group():
+    import warnings
+
+    emb, lin = torch.nn.Embedding(64, 32), torch.nn.Linear(32, 300)
+    opt = AdamW8bit([{"params": [lin.weight]}, {"params": [emb.weight], "bits": 4}], fp32_state=[emb], min_8bit_size=0)
+    flat = torch.nn.Parameter(torch.cat([lin.weight.detach().reshape(-1), emb.weight.detach().reshape(-1)]))
+    opt.param_groups[0]["params"], opt.param_groups[1]["params"] = [flat], []
+    flat.grad = torch.randn_like(flat)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    said = [str(w.message) for w in caught if "no longer among" in str(w.message)]
+    # 2,048 elements of a 4-bit group (blocks of 128): 8 B each in fp32 against 1.0625
+    assert len(said) == 1 and "get 4-bit state" in said[0] and f"{2048 * (8 - 1.0625) / 2**20:.2f} MiB" in said[0], said
+
+
 def _swap_in(module, name, opt):
     """What accelerate's FSDP2 preparation does after the optimizer is built: a new parameter takes the old one's
     place in its module (fully_shard) and in the optimizer's groups (fsdp2_switch_optimizer_parameters)."""

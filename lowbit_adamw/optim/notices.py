@@ -70,8 +70,10 @@ def say_fp32_choices_lost(opt) -> None:
     if not lost:
         return
     n = sum(p.numel() for p in lost)
-    bits, block = opt.param_groups[0]["bits"], opt.param_groups[0]["block_size"]
-    kept = n * (8 - fmt.state_bytes_per_element(bits, block))
+    # priced with the width of the group each was built in (their elements now follow the partition's group)
+    kept = sum(p.numel() * (8 - fmt.state_bytes_per_element(*opt._built_ids[id(p)])) for p in lost)
+    bits = sorted({opt._built_ids[id(p)][0] for p in lost})
+    bits = bits[0] if len(bits) == 1 else "/".join(map(str, bits))
     warnings.warn(f"AdamW8bit: {len(lost)} parameter(s) chosen for fp32 state ({n:,} elements) are no longer among the "
                   f"optimizer's parameters: they were replaced after it was built (DeepSpeed ZeRO hands the optimizer flat "
                   f"partitions; a parameter swapped in elsewhere is followed only when fp32_state named its module, or "
