@@ -29,7 +29,6 @@ format's kind of dither (a Weyl sequence over the steps from a random start per 
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -199,23 +198,10 @@ class CodecSim(torch.optim.Optimizer):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="300 steps, a smaller TinyLM")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--streams", default="noise,noise-spread,tinylm")
-    ap.add_argument("--candidates", default=",".join(CANDIDATES))
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    steps = 300 if args.quick else args.steps
-    codec_drift.REPORT_AT = tuple(s for s in codec_drift.REPORT_AT if s < steps) + (steps,)
+    args = codec_drift.parse_args(__doc__, candidates=",".join(CANDIDATES))
     names = ["lowbit_8bit"] + ["cand:" + c for c in args.candidates.split(",")]
-    runs = [codec_drift.run_stream(s, steps, names, args.quick) for s in args.streams.split(",")]
-    print(f"\n{'stream':<13}{'codec':<24}{'v bias':>9}{'m bias':>9}{'update err':>12}{'max update':>12}{'(fp32)':>8}")
-    for r in runs:
-        for name, res in r["results"].items():
-            last = res["rows"][-1]
-            print(f"{r['stream']:<13}{name:<24}{last['v_bias']:>+9.4f}{last['m_bias']:>+9.4f}{last['update_error']:>12.4f}"
-                  f"{last['max_update']:>12.2f}{r['max_update_fp32']:>8.2f}")
+    runs = [codec_drift.run_stream(s, args.steps, names, args.quick) for s in args.streams.split(",")]
+    codec_drift.print_table(runs, width=24)
     save(args.out, dict(block_size=BLOCK, runs=runs))
 
 

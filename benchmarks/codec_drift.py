@@ -159,25 +159,37 @@ def run_stream(stream, steps, peers, quick):
                 results={n: dict(rows=trackers[n].rows, step_seconds=seconds[n]) for n in peers})
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, **extra):
+    """The command line of a drift run, with ``extra`` options (name -> default); the steps to report set from it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="300 steps, a smaller TinyLM")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--streams", default="noise,noise-spread,tinylm")
-    ap.add_argument("--optimizers", default=",".join(PEERS))
+    for name, default in extra.items():
+        ap.add_argument(f"--{name}", default=default)
     ap.add_argument("--out")
     args = ap.parse_args()
     global REPORT_AT
-    steps = 300 if args.quick else args.steps
-    REPORT_AT = tuple(s for s in REPORT_AT if s < steps) + (steps,)
-    runs = [run_stream(s, steps, args.optimizers.split(","), args.quick) for s in args.streams.split(",")]
-    print(f"\n{'stream':<13}{'optimizer':<15}{'v bias':>9}{'m bias':>9}{'update err':>12}{'max update':>12}{'(fp32)':>8}")
+    args.steps = 300 if args.quick else args.steps
+    REPORT_AT = tuple(s for s in REPORT_AT if s < args.steps) + (args.steps,)
+    return args
+
+
+def main():
+    args = parse_args(__doc__, optimizers=",".join(PEERS))
+    runs = [run_stream(s, args.steps, args.optimizers.split(","), args.quick) for s in args.streams.split(",")]
+    print_table(runs)
+    save(args.out, dict(runs=runs))
+
+
+def print_table(runs, width=15):
+    """The last report of every optimizer in every stream, one line each."""
+    print(f"\n{'stream':<13}{'optimizer':<{width}}{'v bias':>9}{'m bias':>9}{'update err':>12}{'max update':>12}{'(fp32)':>8}")
     for r in runs:
         for name, res in r["results"].items():
             last = res["rows"][-1]
-            print(f"{r['stream']:<13}{name:<15}{last['v_bias']:>+9.3f}{last['m_bias']:>+9.3f}{last['update_error']:>12.4f}"
+            print(f"{r['stream']:<13}{name:<{width}}{last['v_bias']:>+9.4f}{last['m_bias']:>+9.4f}{last['update_error']:>12.4f}"
                   f"{last['max_update']:>12.2f}{r['max_update_fp32']:>8.2f}")
-    save(args.out, dict(runs=runs))
 
 
 if __name__ == "__main__":
