@@ -27,7 +27,8 @@ import torch.distributed as dist  # noqa: E402
 
 from lowbit_adamw import AdamW8bit  # noqa: E402
 from lowbit_adamw.memory import optimizer_state_bytes  # noqa: E402
-from lowbit_adamw.tinylm import TinyLM, batches, token_splits  # noqa: E402
+from lowbit_adamw.tinylm import TinyLM  # noqa: E402
+from recipe_utils import log_loss, rank_batches  # noqa: E402
 
 
 def main(argv=None):
@@ -68,20 +69,13 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed from {args.resume} at step {start} on {world} rank(s)")
 
-    tokens, _ = token_splits()
-    data = batches(tokens, args.batch, 128, seed=0)
-    for _ in range(start):  # same data order as an uninterrupted run
-        next(data)
-    per = args.batch // world
+    data = rank_batches(args.batch, world, rank, start, engine.device)
     for step in range(start, start + args.steps):
-        x, y = (t[rank * per:(rank + 1) * per].to(engine.device) for t in next(data))
+        x, y = next(data)
         loss = torch.nn.functional.cross_entropy(engine(x).flatten(0, 1), y.flatten())
         engine.backward(loss)
         engine.step()
-        avg = loss.detach().clone()
-        dist.all_reduce(avg)
-        if rank == 0 and (step % max(1, args.steps // 10) == 0 or step == start + args.steps - 1):
-            print(f"step {step:4d}  loss {avg.item() / world:.4f}")
+        log_loss(step, loss, start, args.steps, rank, world)
 
     held = optimizer_state_bytes(opt)["total"]
     local = sum(s["exp_avg_codes"].numel() for s in opt.state.values() if "exp_avg_codes" in s)

@@ -23,7 +23,9 @@ from torch.distributed.fsdp import fully_shard
 
 from lowbit_adamw import AdamW8bit
 from lowbit_adamw.memory import optimizer_state_bytes
-from lowbit_adamw.tinylm import TinyLM, batches, token_splits
+from lowbit_adamw.tinylm import TinyLM
+
+from recipe_utils import log_loss, rank_batches
 
 
 def main(argv=None):
@@ -62,21 +64,14 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed from {args.resume} at step {start} on {world} rank(s)")
 
-    tokens, _ = token_splits()
-    data = batches(tokens, args.batch, 128, seed=0)
-    for _ in range(start):  # same data order as an uninterrupted run
-        next(data)
-    per = args.batch // world
+    data = rank_batches(args.batch, world, rank, start, device)
     for step in range(start, start + args.steps):
-        x, y = (t[rank * per:(rank + 1) * per].to(device) for t in next(data))
+        x, y = next(data)
         opt.zero_grad()
         loss = model.loss(x, y)
         loss.backward()
         opt.step()
-        avg = loss.detach().clone()
-        dist.all_reduce(avg)
-        if rank == 0 and (step % max(1, args.steps // 10) == 0 or step == start + args.steps - 1):
-            print(f"step {step:4d}  loss {avg.item() / world:.4f}")
+        log_loss(step, loss, start, args.steps, rank, world)
 
     held = torch.tensor([optimizer_state_bytes(opt)["total"]], dtype=torch.float64, device=device)
     n_local = torch.tensor([sum(p.to_local().numel() for p in model.parameters())], dtype=torch.float64, device=device)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from lowbit_adamw import optimizer_state_bytes
-from lowbit_adamw.tinylm import token_splits
+from lowbit_adamw.tinylm import batches, token_splits
 
 
 def tiny_llama(seed: int = 0, hidden: int = 128, layers: int = 2, dtype=torch.float32):
@@ -50,3 +50,24 @@ def memory_summary(optimizer) -> str:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         parts.append(f"process peak RSS {rss / (2**20 if sys.platform == 'darwin' else 2**10):.0f} MiB")
     return ", ".join(parts)
+
+
+def rank_batches(batch: int, world: int, rank: int, start: int, device):
+    """This rank's share of each batch of TinyLM windows (128 tokens) of the built-in text, from step ``start``
+    on: the same data order as an uninterrupted run, whatever the world size (the distributed recipes)."""
+    data = batches(token_splits()[0], batch, 128, seed=0)
+    for _ in range(start):
+        next(data)
+    per = batch // world
+    for x, y in data:
+        yield x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
+
+
+def log_loss(step: int, loss: torch.Tensor, start: int, steps: int, rank: int, world: int) -> None:
+    """Rank 0 prints the mean loss over the ranks on about ten of the steps, and on the last."""
+    import torch.distributed as dist
+
+    avg = loss.detach().clone()
+    dist.all_reduce(avg)
+    if rank == 0 and (step % max(1, steps // 10) == 0 or step == start + steps - 1):
+        print(f"step {step:4d}  loss {avg.item() / world:.4f}")

@@ -173,7 +173,7 @@ def init_state(opt, p: torch.Tensor, group: dict) -> dict:
                 state[name + "_absmax"] = torch.zeros(fmt.num_blocks(numel, block), dtype=torch.float32, device=dev)
         opt._layouts[p] = (bits, block)
     else:
-        if cause == "min_8bit_size" and wants_8bit(opt, p, group, min_size=0):
+        if cause == "min_8bit_size" and sharding.can_quantize(p, group["block_size"]):  # only its size keeps it fp32
             opt._small_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"]))
         elif cause == "shard_rows":
             opt._sharded_fp32.append((layout.real_view(sharding.local(p)).numel(), group["bits"], group["block_size"],
