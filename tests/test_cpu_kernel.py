@@ -25,9 +25,10 @@ def twins(dtype, sizes=SIZES, **kw):
 def step_both(opts, step, dtype, sizes=SIZES, poison=False):
     g = torch.Generator().manual_seed(100 + step)
     grads = [torch.randn(n, generator=g) * 10.0 ** -(step % 3) for n in sizes]
-    if poison:  # a NaN in one block and an Inf in another
+    if poison:  # a NaN in one block, an Inf in another, a -Inf in a third
         grads[0][1000] = float("nan")
         grads[1][5] = float("inf")
+        grads[2][4999] = -float("inf")
     for o in opts:
         for p, gr in zip(o.param_groups[0]["params"], grads):
             p.grad = gr.to(dtype)
@@ -55,15 +56,16 @@ def test_cpp_step_gives_the_eager_bits(dtype, bits, kw):
         assert_same(eager, cpp)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the test reads the gradient's bits in its own width
 @pytest.mark.parametrize("bits", [8, 4])
-def test_cpp_step_skips_nonfinite_blocks_like_eager(bits):
-    eager, cpp = twins(torch.float32, bits=bits)
-    step_both((eager, cpp), 0, torch.float32)
+def test_cpp_step_skips_nonfinite_blocks_like_eager(bits, dtype):
+    eager, cpp = twins(dtype, bits=bits)
+    step_both((eager, cpp), 0, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        step_both((eager, cpp), 1, torch.float32, poison=True)
+        step_both((eager, cpp), 1, dtype, poison=True)
     assert_same(eager, cpp)
-    assert eager.nonfinite_skipped == cpp.nonfinite_skipped and sum(cpp.nonfinite_skipped.values()) == 2
+    assert eager.nonfinite_skipped == cpp.nonfinite_skipped and sum(cpp.nonfinite_skipped.values()) == 3
 
 
 def test_many_tensors_go_in_one_call(monkeypatch):
