@@ -70,7 +70,8 @@ def main():
     args = ap.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = llama_shapes(1, 512, 64, 172) if args.smoke else llama_shapes(args.layers, **LLAMA7B)
+    # smoke: few blocks (the interpreter pays per program), a vocabulary that ends in a short block
+    shapes = llama_shapes(1, 97, 64, 100) if args.smoke else llama_shapes(args.layers, **LLAMA7B)
     sc = StepScalars(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     bench = timer(device)
 

@@ -84,9 +84,11 @@ inline float stored_value(const uint16_t*, float x) {
   return load_param(&h, 0);
 }
 
-// max over x[0..n) of |x| (ABS) or x, NaN propagating like torch.amax. Written with GCC/Clang vector
-// types: compilers do not vectorize a NaN-propagating max reduction written as a scalar loop. (A max is
-// the same in any order; x here is never -0.)
+// Reductions over a block: max of |x|, max and min of x, NaN propagating like torch.amax / amin. Written
+// with GCC/Clang vector types: compilers do not vectorize a NaN-propagating reduction written as a scalar
+// loop. Four accumulators a kind: with one, every step waits on the last one's compare and blend (the
+// reductions took a third of the step). (A max or min is the same in any order; the only values that
+// compare equal but differ are +-0, which the step reads alike.)
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #elif defined(__AVX__)
@@ -98,61 +100,89 @@ constexpr int kLanes = kVecBytes / 4;
 typedef float fvec __attribute__((vector_size(kVecBytes)));
 typedef int32_t ivec __attribute__((vector_size(kVecBytes)));
 
+inline fvec vmax(fvec acc, fvec y) { return y > acc ? y : acc; }
+inline fvec vmin(fvec acc, fvec y) { return y < acc ? y : acc; }
+
 template <bool ABS>
-inline float block_max(const float* x, int n) {
-  fvec acc = {};
-  ivec nan = {};
-  if (!ABS) acc = acc + x[0];
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    fvec y;
-    std::memcpy(&y, x + i, sizeof(y));
-    if (ABS) {
-      ivec bits;
-      std::memcpy(&bits, &y, sizeof(y));
-      bits &= 0x7FFFFFFF;
-      std::memcpy(&y, &bits, sizeof(y));
-    }
-    acc = y > acc ? y : acc;
-    nan |= y != y;
+inline fvec load_vec(const float* p) {
+  fvec y;
+  std::memcpy(&y, p, sizeof(y));
+  if (ABS) {
+    ivec bits;
+    std::memcpy(&bits, &y, sizeof(y));
+    bits &= 0x7FFFFFFF;
+    std::memcpy(&y, &bits, sizeof(y));
   }
-  float a = acc[0];
-  int any_nan = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    a = acc[j] > a ? acc[j] : a;
-    any_nan |= nan[j];
-  }
-  for (; i < n; ++i) {
-    const float y = ABS ? std::fabs(x[i]) : x[i];
-    a = y > a ? y : a;
-    any_nan |= y != y;
-  }
-  return any_nan ? std::numeric_limits<float>::quiet_NaN() : a;
+  return y;
 }
 
-// min over x[0..n) of x, NaN propagating like torch.amin.
-inline float block_min(const float* x, int n) {
-  fvec acc = {};
+typedef float f4 __attribute__((vector_size(16)));
+typedef int32_t i4 __attribute__((vector_size(16)));
+// A vector's lanes reduced in halves down to 4, then one by one (a loop over all lanes cost a quarter more).
+inline f4 to4max(fvec v) {
+  f4 parts[kLanes / 4];
+  std::memcpy(parts, &v, sizeof(v));
+  f4 m = parts[0];
+  for (int j = 1; j < kLanes / 4; ++j) m = parts[j] > m ? parts[j] : m;
+  return m;
+}
+inline f4 to4min(fvec v) {
+  f4 parts[kLanes / 4];
+  std::memcpy(parts, &v, sizeof(v));
+  f4 m = parts[0];
+  for (int j = 1; j < kLanes / 4; ++j) m = parts[j] < m ? parts[j] : m;
+  return m;
+}
+inline float fold_max(fvec v) { f4 m = to4max(v); float a = m[0]; for (int j = 1; j < 4; ++j) a = m[j] > a ? m[j] : a; return a; }
+inline float fold_min(fvec v) { f4 m = to4min(v); float a = m[0]; for (int j = 1; j < 4; ++j) a = m[j] < a ? m[j] : a; return a; }
+inline int fold_or(ivec v) {
+  i4 parts[kLanes / 4];
+  std::memcpy(parts, &v, sizeof(v));
+  i4 m = parts[0];
+  for (int j = 1; j < kLanes / 4; ++j) m |= parts[j];
+  return m[0] | m[1] | m[2] | m[3];
+}
+
+struct Range {
+  float max, min;
+};
+
+// max of |x| (ABS) or of x, and with MIN also min of x, over x[0..n).
+template <bool ABS, bool MIN>
+inline Range block_range(const float* x, int n) {
+  fvec hi[4], lo[4];
   ivec nan = {};
-  acc = acc + x[0];
+  for (int j = 0; j < 4; ++j) {
+    hi[j] = fvec{} + (ABS ? 0.0f : x[0]);  // |x| >= 0 starts from 0
+    lo[j] = fvec{} + x[0];
+  }
   int i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    for (int j = 0; j < 4; ++j) {
+      const fvec y = load_vec<ABS>(x + i + j * kLanes);
+      hi[j] = vmax(hi[j], y);
+      if (MIN) lo[j] = vmin(lo[j], load_vec<false>(x + i + j * kLanes));
+      nan |= y != y;
+    }
+  }
   for (; i + kLanes <= n; i += kLanes) {
-    fvec y;
-    std::memcpy(&y, x + i, sizeof(y));
-    acc = y < acc ? y : acc;
+    const fvec y = load_vec<ABS>(x + i);
+    hi[0] = vmax(hi[0], y);
+    if (MIN) lo[0] = vmin(lo[0], load_vec<false>(x + i));
     nan |= y != y;
   }
-  float a = acc[0];
-  int any_nan = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    a = acc[j] < a ? acc[j] : a;
-    any_nan |= nan[j];
-  }
+  fvec h = vmax(vmax(hi[0], hi[1]), vmax(hi[2], hi[3]));
+  fvec l = vmin(vmin(lo[0], lo[1]), vmin(lo[2], lo[3]));
+  Range r{fold_max(h), MIN ? fold_min(l) : 0.0f};
+  int any_nan = fold_or(nan);
   for (; i < n; ++i) {
-    a = x[i] < a ? x[i] : a;
-    any_nan |= x[i] != x[i];
+    const float y = ABS ? std::fabs(x[i]) : x[i];
+    r.max = y > r.max ? y : r.max;
+    if (MIN) r.min = x[i] < r.min ? x[i] : r.min;
+    any_nan |= y != y;
   }
-  return any_nan ? std::numeric_limits<float>::quiet_NaN() : a;
+  if (any_nan) r.max = r.min = std::numeric_limits<float>::quiet_NaN();
+  return r;
 }
 
 // Whether every gradient of a block is finite: an exponent field not all ones, tested on the stored bits (no
@@ -267,18 +297,22 @@ inline void store_codes(uint8_t* codes, int64_t start, int n, const float* q) {
 template <int BITS>
 inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float* absmax_out, int64_t start, const Consts& k,
                          float* q, const Tensor& t) {
-  const float a = scale_magnitude(is_signed ? block_max<true>(x, n) : block_max<false>(x, n));
+  // m at 4 bits: max |m| and the side it sits on; v: max and min (map B's test) in the same pass
+  const Range range = is_signed ? (BITS == 4 ? block_range<false, true>(x, n) : block_range<true, false>(x, n))
+                                : block_range<false, BITS == 8>(x, n);
+  const float largest = is_signed && BITS == 4 ? (-range.min > range.max ? -range.min : range.max) : range.max;
+  const float a = scale_magnitude(largest);
   float scale = a;
   if (is_signed) {
     float inv = safe_inverse(a);
-    if (BITS == 4 && -block_min(x, n) > block_max<false>(x, n)) {  // the block's largest |m| is negative
+    if (BITS == 4 && -range.min > range.max) {  // the block's largest |m| is negative
       scale = -a;
       inv = a > 0.0f ? 1.0f / scale : 0.0f;
     }
     for (int i = 0; i < n; ++i) q[i] = encode_m<BITS>(x[i], inv, k);
   } else {
     const float inv = safe_inverse(a);
-    const bool map_b = BITS == 8 && a > 0.0f && block_min(x, n) * inv >= 0.5f;  // min of x * inv, as the spec's
+    const bool map_b = BITS == 8 && a > 0.0f && range.min * inv >= 0.5f;  // min of x * inv, as the spec's
     if (map_b) scale = -a;
     // The tensor's fields in locals, and one loop per map: with the map test or a field read inside the
     // loop (q might alias them), GCC kept a scalar copy of it on the hot path (5x slower at 8 bits).
@@ -343,7 +377,7 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
     }
     m[i] = mi;
     v[i] = vi;
-    vh[i] = hi;
+    if (AMSGRAD) vh[i] = hi;
   }
   encode_block<BITS>(m, n, true, t.mc, t.ma + b, start, k, q, t);
   encode_block<BITS>(v, n, false, t.vc, t.va + b, start, k, q, t);
