@@ -294,6 +294,18 @@ inline void store_codes(uint8_t* codes, int64_t start, int n, const float* q) {
   if (n & 1) out[n / 2] = uint8_t(int(q[n - 1]));
 }
 
+// Codes code(i) for i < n written out: at 8 bits straight into the bytes, at 4 bits through q to be packed.
+template <int BITS, typename Code>
+inline void emit_codes(uint8_t* codes, int64_t start, int n, float* __restrict__ q, Code code) {
+  if constexpr (BITS == 8) {
+    uint8_t* __restrict__ out = codes + start;
+    for (int i = 0; i < n; ++i) out[i] = uint8_t(int(code(i)));
+  } else {
+    for (int i = 0; i < n; ++i) q[i] = code(i);
+    store_codes<BITS>(codes, start, n, q);
+  }
+}
+
 template <int BITS>
 inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float* absmax_out, int64_t start, const Consts& k,
                          float* q, const Tensor& t) {
@@ -309,7 +321,8 @@ inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float*
       scale = -a;
       inv = a > 0.0f ? 1.0f / scale : 0.0f;
     }
-    for (int i = 0; i < n; ++i) q[i] = encode_m<BITS>(x[i], inv, k);
+    const float* __restrict__ xs = x;
+    emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_m<BITS>(xs[i], inv, k); });
   } else {
     const float inv = safe_inverse(a);
     const bool map_b = BITS == 8 && a > 0.0f && range.min * inv >= 0.5f;  // min of x * inv, as the spec's
@@ -319,17 +332,15 @@ inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float*
     const uint32_t key = t.v_key, offset = t.v_offset;
     const int64_t base = t.index_base + start;
     const float* __restrict__ xs = x;
-    float* __restrict__ qs = q;
     if (!t.v_dither && map_b)
-      for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, true, 0.5f);
+      emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_v<BITS>(xs[i], inv, true, 0.5f); });
     else if (!t.v_dither)
-      for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, false, 0.5f);
+      emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_v<BITS>(xs[i], inv, false, 0.5f); });
     else if (map_b)
-      for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, true, dither(key, offset, base + i));
+      emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_v<BITS>(xs[i], inv, true, dither(key, offset, base + i)); });
     else
-      for (int i = 0; i < n; ++i) qs[i] = encode_v<BITS>(xs[i], inv, false, dither(key, offset, base + i));
+      emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_v<BITS>(xs[i], inv, false, dither(key, offset, base + i)); });
   }
-  store_codes<BITS>(codes, start, n, q);
   *absmax_out = scale;
 }
 
