@@ -244,6 +244,61 @@ inline float decode_v(float c, float a) {
   return v == 3.4028234663852886e38f ? std::numeric_limits<float>::infinity() : v;
 }
 
+// The 4-bit m map's 16-entry tables (levels; bounds, padded) in vector registers: a lookup is one permute at
+// 16 lanes (AVX-512) or two and a blend at 8 (AVX2). Narrower vectors (SSE2, NEON) take the scalar loops.
+constexpr bool kVectorTables = kLanes >= 8;
+struct Table16 {
+  fvec part[16 / kLanes > 0 ? 16 / kLanes : 1];
+  explicit Table16(const float* values, int count) {
+    float padded[16];
+    for (int j = 0; j < 16; ++j) padded[j] = j < count ? values[j] : values[count - 1];
+    std::memcpy(part, padded, sizeof(part) < sizeof(padded) ? sizeof(part) : sizeof(padded));
+  }
+  fvec operator[](ivec idx) const {  // idx in 0..15 per lane
+    if constexpr (kLanes >= 16) return __builtin_shuffle(part[0], idx);
+    else return __builtin_shuffle(part[0], part[kLanes >= 8 ? 1 : 0], idx);
+  }
+};
+
+// 4-bit m codes of x[0..n) * inv into q: the number of bounds at or below s, by binary search over the 15
+// sorted bounds (4 lookups, where counting takes 15 compares). A NaN passes no test and counts 0, as the count.
+inline void m4_codes(const float* __restrict__ x, float inv, int n, float* __restrict__ q, const float* bounds) {
+  int i = 0;
+  if constexpr (kVectorTables) {
+    const Table16 table(bounds, 15);
+    for (; i + kLanes <= n; i += kLanes) {
+      fvec xs;
+      std::memcpy(&xs, x + i, sizeof(xs));
+      const fvec s = xs * inv;
+      ivec lo = {};
+      for (int step = 8; step >= 1; step /= 2) lo += (table[lo + (step - 1)] <= s) & step;
+      const fvec code = __builtin_convertvector(lo, fvec);
+      std::memcpy(q + i, &code, sizeof(code));
+    }
+  }
+  for (; i < n; ++i) {
+    const float s = x[i] * inv;
+    float c = 0.0f;
+    for (int j = 0; j < 15; ++j) c += (s >= bounds[j]) ? 1.0f : 0.0f;
+    q[i] = c;
+  }
+}
+
+// 4-bit m values levels[code] * a for codes[0..n) (fp32 integers) in place.
+inline void m4_decode(float* __restrict__ m, float a, int n, const float* levels) {
+  int i = 0;
+  if constexpr (kVectorTables) {
+    const Table16 table(levels, 16);
+    for (; i + kLanes <= n; i += kLanes) {
+      fvec c;
+      std::memcpy(&c, m + i, sizeof(c));
+      const fvec y = table[__builtin_convertvector(c, ivec)] * a;
+      std::memcpy(m + i, &y, sizeof(y));
+    }
+  }
+  for (; i < n; ++i) m[i] = levels[int(m[i])] * a;
+}
+
 template <int BITS>
 inline float encode_m(float x, float inv, const Consts& k) {
   float s = x * inv;
@@ -252,9 +307,7 @@ inline float encode_m(float x, float inv, const Consts& k) {
     q = q > 127.0f ? 127.0f : q;
     return std::copysign(q, s) + 127.0f;
   }
-  float q = 0.0f;
-  for (int j = 0; j < 15; ++j) q += (s >= k.m4_bounds[j]) ? 1.0f : 0.0f;
-  return q;
+  return s;  // 4 bits: m4_codes
 }
 
 // v's code, rounded between the levels around s with the dither u (lowbit_adamw.format): 8-bit map A up when
@@ -322,7 +375,12 @@ inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float*
       inv = a > 0.0f ? 1.0f / scale : 0.0f;
     }
     const float* __restrict__ xs = x;
-    emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_m<BITS>(xs[i], inv, k); });
+    if constexpr (BITS == 4) {
+      m4_codes(xs, inv, n, q, k.m4_bounds);
+      store_codes<BITS>(codes, start, n, q);
+    } else {
+      emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_m<BITS>(xs[i], inv, k); });
+    }
   } else {
     const float inv = safe_inverse(a);
     const bool map_b = BITS == 8 && a > 0.0f && range.min * inv >= 0.5f;  // min of x * inv, as the spec's
@@ -363,13 +421,12 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
   const float beta1 = k.beta1, one_minus_beta1 = k.one_minus_beta1, beta2 = k.beta2, one_minus_beta2 = k.one_minus_beta2;
   const float eps = k.eps, decay = k.decay, step_size = t.step_size, inv_bc2_sqrt = t.inv_bc2_sqrt;
   const float ema_mom = t.ema_mom, one_minus_ema_mom = t.one_minus_ema_mom;
-  alignas(64) float levels[16];
-  for (int j = 0; j < 16; ++j) levels[j] = BITS == 4 ? k.m4_levels[j] : 0.0f;
+  if (BITS == 4) m4_decode(m, ma, n, k.m4_levels);  // m holds values from here on at 4 bits
   for (int i = 0; i < n; ++i) {
     float gi = load_param(g, i) * grad_mul;
     if (clip) gi = gi < -clip_value ? -clip_value : (gi > clip_value ? clip_value : gi);
     gi = gi * sign;  // -x is x * -1 exactly (NaN included, up to its sign bit, which nothing reads)
-    const float old_m = BITS == 8 ? decode_m8(m[i], ma) : levels[int(m[i])] * ma;
+    const float old_m = BITS == 8 ? decode_m8(m[i], ma) : m[i];
     float mi = old_m * beta1 + gi * one_minus_beta1;
     float vi = decode_v<BITS>(v[i], va) * beta2 + (gi * gi) * one_minus_beta2;
     float hi = vi;
