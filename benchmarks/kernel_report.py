@@ -89,7 +89,7 @@ def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, em
     bpp, warps = bpp or d_bpp, warps or d_warps
     ptr = DTYPES[dtype][0]
     types = dict(p_base=ptr, g_base=ptr, mc_base="*u8", ma_base="*fp32", vc_base="*u8", va_base="*fp32", xc_base="*u8",
-                 xa_base="*fp32", e_base="*fp32", m4_table="*fp32", tensor_table="*i64", step_table="*i64", prog_start="*i32",
+                 xa_base="*fp32", e_base="*fp32", tensor_table="*i64", step_table="*i64", prog_start="*i32",
                  num_tensors="i32", bad_blocks="*i32", decay="fp32", beta1="fp32", one_minus_beta1="fp32", beta2="fp32",
                  one_minus_beta2="fp32", eps="fp32", clip_value="fp32")
     names = adamw8bit_kernel.arg_names

@@ -27,9 +27,6 @@ Tables (built and cached by ``lowbit_adamw.step.kernel_launch``):
                     on (0: u = 1/2) (``lowbit_adamw.format.rng``), and the index of the tensor's first
                     element in its whole parameter (a shard's offset; the random numbers' index).
                     Uploaded each step.
-  ``m4_table``      fp32 [32]: the 4-bit m map's levels and midpoints (``m4_device_table``), read by gathers
-                    from one cache line: a level is one load instead of 16 selects, a code a 4-step binary
-                    search instead of 15 tests.
 
 Arithmetic follows ``lowbit_adamw.format.step_spec`` exactly: IEEE division and square root (``div_rn``,
 ``sqrt_rn``) and no FMA contraction (the launch passes ``enable_fp_fusion=False``), so the GPU gives the
@@ -41,7 +38,6 @@ elements, which turns every per-element access into 128-bit vector loads/stores;
 takes any tensor (views at odd offsets, odd sizes). ``benchmarks/kernel_report.py`` compiles both for
 real GPU targets and reads the PTX.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -103,28 +99,40 @@ def _store_codes(base, off, idx, pidx, mask, valid, pmask, codes, BPP: tl.conste
 
 
 @triton.jit
-def _decode_m(code, a, m4_table, BITS: tl.constexpr):
+def _decode_m(code, a, BITS: tl.constexpr, M4_LEVELS: tl.constexpr):
     if BITS == 8:
         q = (code - 127.0) * (1.0 / 127.0)
         return q * tl.abs(q) * a
-    else:  # the level from the 16-entry table (one cache line, the host's fp32 values): one load, not 16 selects
-        return tl.load(m4_table + code.to(tl.int32)) * a
+    else:  # the 16-entry table as a select tree on the code's bits: 15 selects on constants (the host's fp32
+        # values), no memory; comparing the code with each entry took twice the instructions
+        c = code.to(tl.int32)
+        b0 = (c & 1) != 0
+        b1 = (c & 2) != 0
+        b2 = (c & 4) != 0
+        b3 = (c & 8) != 0
+        t0 = tl.where(b1, tl.where(b0, M4_LEVELS[3], M4_LEVELS[2]), tl.where(b0, M4_LEVELS[1], M4_LEVELS[0]))
+        t1 = tl.where(b1, tl.where(b0, M4_LEVELS[7], M4_LEVELS[6]), tl.where(b0, M4_LEVELS[5], M4_LEVELS[4]))
+        t2 = tl.where(b1, tl.where(b0, M4_LEVELS[11], M4_LEVELS[10]), tl.where(b0, M4_LEVELS[9], M4_LEVELS[8]))
+        t3 = tl.where(b1, tl.where(b0, M4_LEVELS[15], M4_LEVELS[14]), tl.where(b0, M4_LEVELS[13], M4_LEVELS[12]))
+        return tl.where(b3, tl.where(b2, t3, t2), tl.where(b2, t1, t0)) * a
 
 
 @triton.jit
-def _encode_m(m, inv, m4_table, BITS: tl.constexpr, M4_BOUNDS: tl.constexpr):
+def _encode_m(m, inv, BITS: tl.constexpr, M4_BOUNDS: tl.constexpr):
     s = m * inv
     if BITS == 8:
         q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)
         q = tl.where(q > 127.0, 127.0, q)  # s beyond 1: a saturated scale
         return tl.where(s < 0, -q, q) + 127.0
-    else:  # nearest level, ties upward: the number of the 15 sorted midpoints at or below s, by binary search
-        # (table entries 16..30; a NaN passes no test and counts 0, as the count does)
-        lo = (s >= M4_BOUNDS[7]).to(tl.int32) * 8
-        lo += (tl.load(m4_table + 16 + lo + 3) <= s).to(tl.int32) * 4
-        lo += (tl.load(m4_table + 16 + lo + 1) <= s).to(tl.int32) * 2
-        lo += (tl.load(m4_table + 16 + lo) <= s).to(tl.int32)
-        return lo.to(tl.float32)
+    else:  # nearest level, ties upward: the number of the 15 sorted midpoints at or below s, found bit by bit
+        # (a binary search whose bound at each step is picked from constants by the bits found so far: 4 tests
+        # and 11 selects, where counting took 15 tests and 15 adds; a NaN passes no test and counts 0, as before)
+        b3 = s >= M4_BOUNDS[7]
+        b2 = s >= tl.where(b3, M4_BOUNDS[11], M4_BOUNDS[3])
+        b1 = s >= tl.where(b3, tl.where(b2, M4_BOUNDS[13], M4_BOUNDS[9]), tl.where(b2, M4_BOUNDS[5], M4_BOUNDS[1]))
+        b0 = s >= tl.where(b3, tl.where(b2, tl.where(b1, M4_BOUNDS[14], M4_BOUNDS[12]), tl.where(b1, M4_BOUNDS[10], M4_BOUNDS[8])),
+                           tl.where(b2, tl.where(b1, M4_BOUNDS[6], M4_BOUNDS[4]), tl.where(b1, M4_BOUNDS[2], M4_BOUNDS[0])))
+        return (b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)).to(tl.float32)
 
 
 @triton.jit
@@ -218,12 +226,13 @@ def _stochastic_round(x, key, idx, OUT_DTYPE: tl.constexpr):
 
 @triton.jit
 def adamw8bit_kernel(
-    p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base, e_base, m4_table,
+    p_base, g_base, mc_base, ma_base, vc_base, va_base, xc_base, xa_base, e_base,
     tensor_table, step_table, prog_start, num_tensors, bad_blocks,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, clip_value,
     BLOCK: tl.constexpr, BPP: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, EMA: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr, BITS: tl.constexpr, M4_BOUNDS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr, BITS: tl.constexpr, M4_LEVELS: tl.constexpr,
+    M4_BOUNDS: tl.constexpr,
 ):
     MZ: tl.constexpr = 127.0 if BITS == 8 else 7.0  # m's code of zero
     pid = tl.program_id(0)
@@ -281,7 +290,7 @@ def adamw8bit_kernel(
 
         # decode (lowbit_adamw.format): m = sign(q) (q/127)^2 absmax or M4_LEVELS[c] absmax; v = (c/255)^4 absmax or (c+1)/16 absmax
         m = _decode_m(_load_codes(mc_base, mc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, MZ),
-                      tl.load(ma_base + ma_off + blocks, mask=bmask, other=0.0)[:, None], m4_table, BITS)
+                      tl.load(ma_base + ma_off + blocks, mask=bmask, other=0.0)[:, None], BITS, M4_LEVELS)
         v = _decode_v(_load_codes(vc_base, vc_off, idx, pidx, mask, pvalid, BPP, BLOCK, BITS, 0),
                       tl.load(va_base + va_off + blocks, mask=bmask, other=0.0)[:, None], BITS)
         if BITS != 8:  # a 4-bit code of 0 decodes to absmax / 16: masked lanes must not count (8 bits: 0 already)
@@ -338,7 +347,7 @@ def adamw8bit_kernel(
             sm = tl.where(-tl.min(m, axis=1) > tl.max(m, axis=1), -am, am)
         _store_codes(mc_base, mc_off, idx, pidx, mask, valid, pmask,
                      _encode_m(m, tl.where(am > 0, tl.div_rn(tl.full(sm.shape, 1.0, tl.float32), tl.where(am > 0, sm, 1.0)), 0.0)[:, None],
-                               m4_table, BITS, M4_BOUNDS),
+                               BITS, M4_BOUNDS),
                      BPP, BLOCK, BITS)
         tl.store(ma_base + ma_off + blocks, sm, mask=bmask)
 
@@ -368,15 +377,13 @@ def launch_adamw8bit(
     ``bad_blocks`` (int32, one slot per tensor, see the table's slot column) receives the count of
     blocks skipped for a non-finite gradient. ``aligned`` selects the vectorized variant: only for
     tensors that satisfy its alignment facts (see the kernel). ``m4_table`` is (levels, bounds) of the
-    4-bit m map (``lowbit_adamw.format.M4_LEVELS`` / ``M4_BOUNDS``): the kernel reads them from a small
-    table on the device (``m4_device_table``)."""
+    4-bit m map (``lowbit_adamw.format.M4_LEVELS`` / ``M4_BOUNDS``), compiled in as constants."""
     if num_programs == 0:
         return
     if bits == 4 and (len(m4_table[0]), len(m4_table[1])) != (16, 15):
         raise ValueError("bits=4 needs m4_table=(16 levels, 15 bounds): lowbit_adamw.format.M4_LEVELS, M4_BOUNDS")
-    table = m4_device_table(*m4_table, bases[3].device) if bits == 4 else bases[3]  # 8 bits: never read
     adamw8bit_kernel[(num_programs,)](
-        *bases, table, tensor_table, step_table, prog_start, num_tensors, bad_blocks, *scalars,
+        *bases, tensor_table, step_table, prog_start, num_tensors, bad_blocks, *scalars,
         clip_value if clip_value != float("inf") else 0.0,
         **variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, maximize, stochastic,
                              clip_value != float("inf"), ema, skip_nonfinite, aligned, bits, m4_table),
@@ -391,17 +398,6 @@ def variant_constexprs(num_tensors, block_size, blocks_per_program, amsgrad, max
     return dict(
         BLOCK=block_size, BPP=blocks_per_program, SEARCH_STEPS=max(1, int(num_tensors).bit_length()),
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic), CLIP=bool(clip), EMA=bool(ema),
-        SKIP_NONFINITE=bool(skip_nonfinite), ALIGNED=bool(aligned), BITS=int(bits), M4_BOUNDS=tuple(m4_table[1]),
+        SKIP_NONFINITE=bool(skip_nonfinite), ALIGNED=bool(aligned), BITS=int(bits),
+        M4_LEVELS=tuple(m4_table[0]), M4_BOUNDS=tuple(m4_table[1]),
     )
-
-
-_m4_device_tables: dict = {}
-
-
-def m4_device_table(levels, bounds, device) -> torch.Tensor:
-    """The 4-bit m map as the kernel reads it: fp32, the 16 levels at 0..15 and the 15 midpoints at 16..30 (one
-    128-byte line; entry 31 repeats the last midpoint and is never read). Cached per device and values."""
-    key = (str(device), tuple(levels), tuple(bounds))
-    if key not in _m4_device_tables:
-        _m4_device_tables[key] = torch.tensor([*levels, *bounds, bounds[-1]], dtype=torch.float32, device=device)
-    return _m4_device_tables[key]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowbit_adamw import AdamW8bit
+from lowbit_adamw import format as fmt
 from lowbit_adamw.step import cpu_kernel
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler here")
@@ -207,3 +208,29 @@ def test_cpp_step_without_the_v_dither_gives_the_eager_bits_in_both_v_maps(bits,
     if bits == 8:  # both maps were exercised: map B blocks carry a negative scale
         scales = cpp.state[cpp.param_groups[0]["params"][0]]["exp_avg_sq_absmax"]
         assert (scales < 0).any() and (scales > 0).any()
+
+
+def test_4bit_m_codes_at_every_bound_match_the_spec():
+    # With beta1 = 0 the new m is the gradient itself; each block holds a 1 (its scale) and values on, just
+    # below and just above every midpoint of the 4-bit m map, where the C++ step's binary search must count
+    # exactly as the spec does (random steps rarely land there).
+    bounds = torch.tensor(fmt.M4_BOUNDS)
+    probes = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(-2.0)), torch.nextafter(bounds, torch.tensor(2.0)),
+                        torch.tensor(fmt.M4_LEVELS), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    block = 128
+    per_block = block - 1
+    n_blocks = -(-probes.numel() // per_block)
+    g = torch.zeros(n_blocks, block)
+    g[:, 0] = 1.0
+    flat = torch.cat([probes, torch.zeros(n_blocks * per_block - probes.numel())])
+    g[:, 1:] = flat.view(n_blocks, per_block)
+    g = g.reshape(-1)
+    codes = {}
+    for backend in ("torch", "cpp"):
+        p = torch.nn.Parameter(torch.zeros(g.numel()))
+        opt = AdamW8bit([p], backend=backend, bits=4, block_size=block, betas=(0.0, 0.999), min_8bit_size=0)
+        p.grad = g.clone()
+        opt.step()
+        codes[backend] = fmt.unpack_nibbles(opt.state[p]["exp_avg_codes"], g.numel())
+    assert torch.equal(codes["cpp"], codes["torch"])
+    assert torch.equal(codes["cpp"].float(), fmt.m4_encode(g))

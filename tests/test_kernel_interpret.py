@@ -7,12 +7,15 @@ oracle's own companded value, parameters by at most one ulp of their dtype.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lowbit_adamw import StepScalars, adamw8bit_step
 from lowbit_adamw import format as fmt
 from lowbit_adamw.format.step_spec import state_names
 from helpers import assert_codes_match, assert_params_within_ulp, oracle_moments
 from lowbit_adamw.step.kernel_launch import triton_available
+from lowbit_adamw.kernels.adamw8bit import _decode_m, _encode_m
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 
@@ -286,3 +289,28 @@ def test_tables_go_to_the_gpu_without_a_host_sync():
     assert calls == ["pin", ("cuda", True)]
     t = torch.arange(3)
     assert upload(t, torch.device("cpu")) is t
+
+
+@triton.jit
+def _m4_probe(s_ptr, code_ptr, level_ptr, n, BLOCK: tl.constexpr, M4_LEVELS: tl.constexpr, M4_BOUNDS: tl.constexpr):
+    offs = tl.arange(0, BLOCK)[None, :]
+    s = tl.load(s_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(code_ptr + offs, _encode_m(s, 1.0, 4, M4_BOUNDS), mask=offs < n)
+    tl.store(level_ptr + offs, _decode_m((offs % 16).to(tl.float32), 1.0, 4, M4_LEVELS))
+
+
+def test_4bit_m_codes_and_levels_match_the_spec_at_every_bound():
+    # The kernel finds a 4-bit m code by a binary search over the midpoints and a level by a select tree on the
+    # code's bits; the spec counts midpoints and indexes M4_LEVELS. Random steps rarely land on a midpoint:
+    # here every midpoint, its neighbouring floats, the levels, +-0, +-1, beyond, +-inf and NaN.
+    bounds = torch.tensor(fmt.M4_BOUNDS)
+    s = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(-float("inf"))), torch.nextafter(bounds, torch.tensor(float("inf"))),
+                   torch.tensor(fmt.M4_LEVELS),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, float("inf"), -float("inf"), float("nan")])])
+    s = torch.cat([s, torch.linspace(-1.2, 1.2, 301)]).to(DEVICE)
+    block = 512
+    codes = torch.full((s.numel(),), -1.0, device=DEVICE)
+    levels = torch.empty(block, device=DEVICE)
+    _m4_probe[(1,)](s, codes, levels, s.numel(), BLOCK=block, M4_LEVELS=fmt.M4_LEVELS, M4_BOUNDS=fmt.M4_BOUNDS)
+    assert torch.equal(codes.cpu(), fmt.m4_encode(s.cpu()))
+    assert torch.equal(levels.cpu(), torch.tensor(fmt.M4_LEVELS).repeat(block // 16))
