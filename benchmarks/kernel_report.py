@@ -83,7 +83,10 @@ def launch_shape(backend: str, bits: int = 8) -> tuple[int, int]:
 
 
 def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, ema=False, aligned=True, bpp=None, warps=None,
-                    bits=8):
+                    bits=8, kernel=None):
+    """Compile one variant for ``target`` (``kernel``: a build of the kernel other than the shipped one, as
+    benchmarks/kernel_parts.py makes): (compiled kernel, blocks per program, warps)."""
+    kernel = kernel or adamw8bit_kernel
     backend, arch, warp_size = TARGETS[target][:3]
     d_bpp, d_warps = launch_shape(backend, bits)
     bpp, warps = bpp or d_bpp, warps or d_warps
@@ -92,15 +95,15 @@ def compile_variant(target: str, dtype: str, amsgrad=False, stochastic=False, em
                  xa_base="*fp32", e_base="*fp32", tensor_table="*i64", step_table="*i64", prog_start="*i32",
                  num_tensors="i32", bad_blocks="*i32", decay="fp32", beta1="fp32", one_minus_beta1="fp32", beta2="fp32",
                  one_minus_beta2="fp32", eps="fp32", clip_value="fp32")
-    names = adamw8bit_kernel.arg_names
+    names = kernel.arg_names
     signature = {n: types.get(n, "constexpr") for n in names}
     # At launch Triton marks pointer arguments 16-byte aligned when they are; torch's allocations always are.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if types.get(n, "").startswith("*")}
     constexprs = variant_constexprs(200, fmt.default_block_size(bits), bpp, amsgrad, False, stochastic, False, ema, True, aligned,
                                     bits, (fmt.M4_LEVELS, fmt.M4_BOUNDS))
-    src = ASTSource(adamw8bit_kernel, signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=dict(num_warps=warps, enable_fp_fusion=False))
-    return kernel, bpp, warps
+    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=dict(num_warps=warps, enable_fp_fusion=False))
+    return compiled, bpp, warps
 
 
 # ---- reading the assembly ------------------------------------------------------------------------

@@ -112,3 +112,17 @@ def test_the_sass_parser_counts_the_hot_path_around_slow_path_calls(monkeypatch)
     assert kr.loop_body_count(loop) == 5  # 0x10 .. 0x50
     with pytest.raises(ValueError, match="no SASS instructions"):
         kr.sass_counts(kr.parse_sass("code for sm_90\n"))
+
+
+def test_every_part_the_parts_count_takes_out_is_still_in_the_kernel(tmp_path):
+    # benchmarks/kernel_parts.py counts a part by editing it out of a copy of the kernel's source: each edit's
+    # anchor must still be there (a renamed line would make the count silently wrong), and each copy must load.
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import kernel_parts
+
+    source = open(kernel_parts.KERNEL_SOURCE).read()
+    for i, (part, edits) in enumerate(kernel_parts.PARTS_8BIT.items()):
+        kernel = kernel_parts.edited_kernel(source, edits, str(tmp_path), f"part_{i}")
+        assert kernel.arg_names == kernel_parts.kr.adamw8bit_kernel.arg_names, part
+    with pytest.raises(ValueError, match="no longer contains"):
+        kernel_parts.edited_kernel(source, [("a line the kernel does not have", "")], str(tmp_path), "missing")

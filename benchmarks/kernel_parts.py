@@ -1,0 +1,88 @@
+"""Where the fused kernel's instructions go, part by part: static figures, from the same SASS count as
+benchmarks/kernel_report.py's speed model.
+
+    python benchmarks/kernel_parts.py [--target sm_90] [--dtype bf16] [--bits 8] [--out J]
+
+Each part is taken out of a copy of the kernel's source (an edit named below: the dither replaced by 1/2, one
+v map's codes by the other's, the division by a multiply, ...), that build is compiled for the target and
+its hot-path instructions per element are counted; a part's figure is what the shipped kernel's count loses
+without it. The edited builds compute wrong results and exist only to be counted; the parts overlap a little
+(a shared subexpression leaves with either), so they need not add up to the whole.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_report as kr  # noqa: E402
+from benchlib import machine  # noqa: E402
+from sass import disassemble, parse_sass, sass_counts  # noqa: E402
+
+KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "adamw8bit.py")
+
+# part: [(text in kernels/adamw8bit.py, what replaces it)], for the 8-bit variants
+PARTS_8BIT = {
+    "v encode, map A (with its two square roots)": [("        q = tl.where(map_b[:, None], qb, qa)", "        q = qb")],
+    "v encode, map B": [("        q = tl.where(map_b[:, None], qb, qa)", "        q = qa")],
+    "v dither hash": [("u = tl.where(tl.load(step_row + 10) != 0, (h >> 8).to(tl.float32) * (1.0 / 16777216.0), 0.5)", "u = 0.5")],
+    "m encode (square root, rounding, sign)": [("""        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)
+        q = tl.where(q > 127.0, 127.0, q)  # s beyond 1: a saturated scale
+        return tl.where(s < 0, -q, q) + 127.0""", "        return s")],
+    "IEEE division of the update": [("p = p - step_size * tl.div_rn(m, denom)", "p = p - step_size * m * denom")],
+    "non-finite check": [("        if SKIP_NONFINITE:\n", "        if False:\n")],
+    "v decode, the second map": [("        v = _v_level(code, a < 0, BITS) * tl.abs(a)", "        v = code * a")],
+    "weight rounding on the bits (vs a conversion)": [("            out = _round_nearest(p, p_raw.dtype)", "            out = p.to(p_raw.dtype)")],
+}
+
+
+def hot_per_element(kernel, target, dtype, bits) -> float:
+    compiled, bpp, warps = kr.compile_variant(target, dtype, bits=bits, kernel=kernel)
+    counts = sass_counts(parse_sass(disassemble(compiled.asm["cubin"])))
+    return counts["hot"] / (bpp * kr.fmt.default_block_size(bits) / (warps * 32))
+
+
+def edited_kernel(source: str, edits, tmp: str, name: str):
+    for old, new in edits:
+        if old not in source:
+            raise ValueError(f"{name}: the kernel no longer contains {old!r}: update PARTS_8BIT")
+        source = source.replace(old, new)
+    path = os.path.join(tmp, f"{name}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.adamw8bit_kernel
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="sm_90", choices=[t for t in kr.TARGETS if t.startswith("sm_")])
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    source = open(KERNEL_SOURCE).read()
+    whole = hot_per_element(None, args.target, args.dtype, 8)
+    parts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (part, edits) in enumerate(PARTS_8BIT.items()):
+            kernel = edited_kernel(source, edits, tmp, f"kernel_part_{i}")
+            parts[part] = whole - hot_per_element(kernel, args.target, args.dtype, 8)
+    print(f"{args.target} 8-bit {args.dtype}, aligned default variant: {whole:.1f} hot instructions per element (static)")
+    for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:6.1f}  {part}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(target=args.target, dtype=args.dtype, bits=8, hot_per_element=whole, parts=parts,
+                           note="static figures: SASS counted per element, not timings", **machine()), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
