@@ -18,13 +18,6 @@ import os
 import sys
 import tempfile
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernel_report as kr  # noqa: E402
-from benchlib import machine  # noqa: E402
-from sass import disassemble, parse_sass, sass_counts  # noqa: E402
-
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "adamw8bit.py")
 
 # part: [(text in kernels/adamw8bit.py, what replaces it)], for the 8-bit variants
@@ -43,6 +36,9 @@ PARTS_8BIT = {
 
 
 def hot_per_element(kernel, target, dtype, bits) -> float:
+    import kernel_report as kr
+    from sass import disassemble, parse_sass, sass_counts
+
     compiled, bpp, warps = kr.compile_variant(target, dtype, bits=bits, kernel=kernel)
     counts = sass_counts(parse_sass(disassemble(compiled.asm["cubin"])))
     return counts["hot"] / (bpp * kr.fmt.default_block_size(bits) / (warps * 32))
@@ -63,6 +59,13 @@ def edited_kernel(source: str, edits, tmp: str, name: str):
 
 
 def main(argv=None):
+    # Compiling for real: the interpreter replaces @triton.jit. Only here, so that importing this module (the
+    # tests do, to check the edits) leaves the interpreter on for the kernels imported after it.
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import kernel_report as kr
+    from benchlib import machine
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="sm_90", choices=[t for t in kr.TARGETS if t.startswith("sm_")])
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
