@@ -299,15 +299,12 @@ inline void m4_decode(float* __restrict__ m, float a, int n, const float* levels
   for (; i < n; ++i) m[i] = levels[int(m[i])] * a;
 }
 
-template <int BITS>
-inline float encode_m(float x, float inv, const Consts& k) {
-  float s = x * inv;
-  if (BITS == 8) {
-    float q = std::floor(std::sqrt(std::fabs(s)) * 127.0f + 0.5f);
-    q = q > 127.0f ? 127.0f : q;
-    return std::copysign(q, s) + 127.0f;
-  }
-  return s;  // 4 bits: m4_codes
+// 8-bit m: square-root companding, the sign applied after rounding the magnitude (4 bits: m4_codes).
+inline float encode_m8(float x, float inv) {
+  const float s = x * inv;
+  float q = std::floor(std::sqrt(std::fabs(s)) * 127.0f + 0.5f);
+  q = q > 127.0f ? 127.0f : q;
+  return std::copysign(q, s) + 127.0f;
 }
 
 // v's code, rounded between the levels around s with the dither u (lowbit_adamw.format): 8-bit map A up when
@@ -379,7 +376,7 @@ inline void encode_block(float* x, int n, bool is_signed, uint8_t* codes, float*
       m4_codes(xs, inv, n, q, k.m4_bounds);
       store_codes<BITS>(codes, start, n, q);
     } else {
-      emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_m<BITS>(xs[i], inv, k); });
+      emit_codes<BITS>(codes, start, n, q, [&](int i) { return encode_m8(xs[i], inv); });
     }
   } else {
     const float inv = safe_inverse(a);
