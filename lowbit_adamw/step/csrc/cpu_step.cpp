@@ -119,22 +119,16 @@ inline fvec load_vec(const float* p) {
 typedef float f4 __attribute__((vector_size(16)));
 typedef int32_t i4 __attribute__((vector_size(16)));
 // A vector's lanes reduced in halves down to 4, then one by one (a loop over all lanes cost a quarter more).
-inline f4 to4max(fvec v) {
+template <bool MAX>
+inline float fold(fvec v) {
   f4 parts[kLanes / 4];
   std::memcpy(parts, &v, sizeof(v));
   f4 m = parts[0];
-  for (int j = 1; j < kLanes / 4; ++j) m = parts[j] > m ? parts[j] : m;
-  return m;
+  for (int j = 1; j < kLanes / 4; ++j) m = (MAX ? parts[j] > m : parts[j] < m) ? parts[j] : m;
+  float a = m[0];
+  for (int j = 1; j < 4; ++j) a = (MAX ? m[j] > a : m[j] < a) ? m[j] : a;
+  return a;
 }
-inline f4 to4min(fvec v) {
-  f4 parts[kLanes / 4];
-  std::memcpy(parts, &v, sizeof(v));
-  f4 m = parts[0];
-  for (int j = 1; j < kLanes / 4; ++j) m = parts[j] < m ? parts[j] : m;
-  return m;
-}
-inline float fold_max(fvec v) { f4 m = to4max(v); float a = m[0]; for (int j = 1; j < 4; ++j) a = m[j] > a ? m[j] : a; return a; }
-inline float fold_min(fvec v) { f4 m = to4min(v); float a = m[0]; for (int j = 1; j < 4; ++j) a = m[j] < a ? m[j] : a; return a; }
 inline int fold_or(ivec v) {
   i4 parts[kLanes / 4];
   std::memcpy(parts, &v, sizeof(v));
@@ -173,7 +167,7 @@ inline Range block_range(const float* x, int n) {
   }
   fvec h = vmax(vmax(hi[0], hi[1]), vmax(hi[2], hi[3]));
   fvec l = vmin(vmin(lo[0], lo[1]), vmin(lo[2], lo[3]));
-  Range r{fold_max(h), MIN ? fold_min(l) : 0.0f};
+  Range r{fold<true>(h), MIN ? fold<false>(l) : 0.0f};
   int any_nan = fold_or(nan);
   for (; i < n; ++i) {
     const float y = ABS ? std::fabs(x[i]) : x[i];
