@@ -144,6 +144,7 @@ struct Range {
 // max of |x| (ABS) or of x, and with MIN also min of x, over x[0..n).
 template <bool ABS, bool MIN>
 inline Range block_range(const float* x, int n) {
+  static_assert(!(ABS && MIN), "the min is of x itself: one load serves both only without ABS");
   fvec hi[4], lo[4];
   ivec nan = {};
   for (int j = 0; j < 4; ++j) {
@@ -155,14 +156,14 @@ inline Range block_range(const float* x, int n) {
     for (int j = 0; j < 4; ++j) {
       const fvec y = load_vec<ABS>(x + i + j * kLanes);
       hi[j] = vmax(hi[j], y);
-      if (MIN) lo[j] = vmin(lo[j], load_vec<false>(x + i + j * kLanes));
+      if (MIN) lo[j] = vmin(lo[j], y);
       nan |= y != y;
     }
   }
   for (; i + kLanes <= n; i += kLanes) {
     const fvec y = load_vec<ABS>(x + i);
     hi[0] = vmax(hi[0], y);
-    if (MIN) lo[0] = vmin(lo[0], load_vec<false>(x + i));
+    if (MIN) lo[0] = vmin(lo[0], y);
     nan |= y != y;
   }
   fvec h = vmax(vmax(hi[0], hi[1]), vmax(hi[2], hi[3]));
@@ -172,7 +173,7 @@ inline Range block_range(const float* x, int n) {
   for (; i < n; ++i) {
     const float y = ABS ? std::fabs(x[i]) : x[i];
     r.max = y > r.max ? y : r.max;
-    if (MIN) r.min = x[i] < r.min ? x[i] : r.min;
+    if (MIN) r.min = y < r.min ? y : r.min;
     any_nan |= y != y;
   }
   if (any_nan) r.max = r.min = std::numeric_limits<float>::quiet_NaN();
