@@ -39,6 +39,12 @@ def _module_fixture(item):
     return names[0] if names else None
 
 
+# Tests that start several ranks (torchrun, spawn) share one xdist group, so one runs at a time: two of them at
+# once put four ranks on two cores, and each collective then waits for a rank to be scheduled (a ZeRO run went from
+# 8 s alone to 69 s beside other tests). Their module-scoped fixtures stay on that one worker too.
+MULTI_RANK = ("test_distributed.py", "test_deepspeed.py", "test_accelerate_fsdp2.py")
+
+
 def pytest_ignore_collect(collection_path, config):
     # The reruns under other ATen code paths (scripts/test.sh) select the numerics tests; the other files are
     # not even imported (their imports of transformers, Lightning, ... cost each worker seconds).
@@ -53,7 +59,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         nodeid = item.nodeid.split("tests/", 1)[-1]
         fixture = _module_fixture(item)
-        if fixture:
+        if nodeid.startswith(MULTI_RANK):
+            item.add_marker(pytest.mark.xdist_group("multi-rank"))
+        elif fixture:
             item.add_marker(pytest.mark.xdist_group(f"{nodeid.split('::')[0]}::{fixture}"))
         if nodeid.split("::")[0] in NUMERICS:
             item.add_marker(pytest.mark.numerics)
