@@ -6,7 +6,7 @@
 #   bash scripts/test.sh --quick    without the slow tests (marked in tests/conftest.py)
 # Kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA).
 # pytest-xdist spreads the tests over one worker per core; tests/conftest.py keeps the tests of each
-# expensive module-scoped fixture on one worker (--dist loadgroup).
+# expensive module-scoped fixture on one worker, and runs the multi-rank tests one at a time (--dist loadgroup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 select=()
