@@ -74,8 +74,8 @@ def pytest_collection_modifyitems(config, items):
 class _GroupsHold:
     """Under `--dist loadgroup` an xdist worker names each grouped test `nodeid@group`, and the controller sends
     a group to one worker by that name. pytest 9.2 keeps a node's id where pytest-xdist 3.8 no longer writes it:
-    every group then splits, and each worker builds the expensive fixture again (the suite ran ~2 minutes longer
-    with nothing failing). This check makes that loud instead."""
+    every group then splits, and each worker builds the expensive fixture again (the suite ran about a minute
+    longer with nothing failing). This check makes that loud instead."""
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config, items):

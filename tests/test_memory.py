@@ -28,13 +28,12 @@ def available(names):
     return out
 
 
-def _check_agreement(model, dtype=None, batch=None, monkeypatch=None):
+def _check_agreement(model, monkeypatch, dtype=None, batch=None):
     names = available(ALL)
     est = estimate(model, names, dtype=dtype)
-    if monkeypatch is not None:
-        # torchao compiles its step once per parameter shape (15-30 s a model with a cold inductor cache) for no
-        # byte of state: its state tensors are made before the compiled call, and the same run eagerly
-        monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+    # torchao compiles its step once per parameter shape (15-30 s a model with a cold inductor cache) for no byte
+    # of state: its state tensors are made before the compiled call, and the same run eagerly
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
     mea = measure(model, names, steps=2, dtype=dtype, batch=batch)
     for e, m in zip(est.rows, mea.rows):
         assert e.optimizer == m.optimizer
@@ -46,7 +45,7 @@ def _check_agreement(model, dtype=None, batch=None, monkeypatch=None):
 
 def test_estimate_matches_measured_tinylm_fp32(monkeypatch):
     # Awkward sizes on purpose: torchao keeps fp32 state for tensors not divisible by 256.
-    est, mea = _check_agreement(tiny_model(dim=48, layers=2, seq_len=40), monkeypatch=monkeypatch)
+    est, mea = _check_agreement(tiny_model(dim=48, layers=2, seq_len=40), monkeypatch)
     assert est.row("adamw").state_full == 8 * est.trainable
     assert mea.row("lowbit_8bit").activations > 0
     assert len({r.activations for r in mea.rows}) == 1  # same model, same batch: same activations
@@ -62,7 +61,7 @@ def test_estimate_matches_measured_llama_bf16(monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    est, _ = _check_agreement(model, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    est, _ = _check_agreement(model, monkeypatch, dtype=torch.bfloat16)
     assert est.meta["dtype"] == "torch.bfloat16"
     assert next(model.parameters()).dtype == torch.float32  # the caller's module was not cast
     # fp32 state for embeddings costs exactly the embedding's 8-bit state swapped for 8 B/element.
