@@ -1,7 +1,7 @@
 """Where the fused kernel's instructions go, part by part: static figures, from the same SASS count as
 benchmarks/kernel_report.py's speed model.
 
-    python benchmarks/kernel_parts.py [--target sm_90] [--dtype bf16] [--bits 8] [--out J]
+    python benchmarks/kernel_parts.py [--target sm_90] [--dtype bf16] [--out J]    (the 8-bit kernel)
 
 Each part is taken out of a copy of the kernel's source (an edit named below: the dither replaced by 1/2, one
 v map's codes by the other's, the division by a multiply, ...), that build is compiled for the target and

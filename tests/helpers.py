@@ -131,6 +131,16 @@ def near_boundary(x: torch.Tensor, signed: bool, block_size: int, bits: int = 8,
     return ((c - c.round()).abs() <= tol(c)) | (decision.abs() <= tol(s))
 
 
+def m4_bound_probes() -> torch.Tensor:
+    """Every midpoint of the 4-bit m map, the floats on either side of it, and every level: where a 4-bit m
+    code's search must count exactly as the spec does (random steps rarely land there)."""
+    from lowbit_adamw import format as fmt
+
+    bounds = torch.tensor(fmt.M4_BOUNDS)
+    return torch.cat([bounds, torch.nextafter(bounds, torch.tensor(-2.0)), torch.nextafter(bounds, torch.tensor(2.0)),
+                      torch.tensor(fmt.M4_LEVELS)])
+
+
 def codes_of(state, name, numel, bits=8):
     """One code per element (4-bit codes unpacked)."""
     from lowbit_adamw import format as fmt

@@ -9,6 +9,7 @@ import torch
 from lowbit_adamw import AdamW8bit
 from lowbit_adamw import format as fmt
 from lowbit_adamw.step import cpu_kernel
+from helpers import m4_bound_probes
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler here")
 
@@ -214,9 +215,7 @@ def test_4bit_m_codes_at_every_bound_match_the_spec():
     # With beta1 = 0 the new m is the gradient itself; each block holds a 1 (its scale) and values on, just
     # below and just above every midpoint of the 4-bit m map, where the C++ step's binary search must count
     # exactly as the spec does (random steps rarely land there).
-    bounds = torch.tensor(fmt.M4_BOUNDS)
-    probes = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(-2.0)), torch.nextafter(bounds, torch.tensor(2.0)),
-                        torch.tensor(fmt.M4_LEVELS), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    probes = torch.cat([m4_bound_probes(), torch.tensor([0.0, -0.0, 1.0, -1.0])])
     block = 128
     per_block = block - 1
     n_blocks = -(-probes.numel() // per_block)

@@ -13,7 +13,7 @@ import triton.language as tl
 from lowbit_adamw import StepScalars, adamw8bit_step
 from lowbit_adamw import format as fmt
 from lowbit_adamw.format.step_spec import state_names
-from helpers import assert_codes_match, assert_params_within_ulp, oracle_moments
+from helpers import assert_codes_match, assert_params_within_ulp, m4_bound_probes, oracle_moments
 from lowbit_adamw.step.kernel_launch import triton_available
 from lowbit_adamw.kernels.adamw8bit import _decode_m, _encode_m
 
@@ -303,10 +303,7 @@ def test_4bit_m_codes_and_levels_match_the_spec_at_every_bound():
     # The kernel finds a 4-bit m code by a binary search over the midpoints and a level by a select tree on the
     # code's bits; the spec counts midpoints and indexes M4_LEVELS. Random steps rarely land on a midpoint:
     # here every midpoint, its neighbouring floats, the levels, +-0, +-1, beyond, +-inf and NaN.
-    bounds = torch.tensor(fmt.M4_BOUNDS)
-    s = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(-float("inf"))), torch.nextafter(bounds, torch.tensor(float("inf"))),
-                   torch.tensor(fmt.M4_LEVELS),
-                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, float("inf"), -float("inf"), float("nan")])])
+    s = torch.cat([m4_bound_probes(), torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, float("inf"), -float("inf"), float("nan")])])
     s = torch.cat([s, torch.linspace(-1.2, 1.2, 301)]).to(DEVICE)
     block = 512
     codes = torch.full((s.numel(),), -1.0, device=DEVICE)
