@@ -21,6 +21,10 @@ import pytest  # noqa: E402
 # and the eager step it is held to gives the same bits under every path (test_cpu_code_paths.py).
 NUMERICS = ("test_compiled_cpu.py", "test_nonfinite.py", "test_options.py", "test_format.py", "test_4bit.py",
             "test_cpu_kernel.py")
+# Of those, the tests of how the C++ step's library is built and cached compute nothing that depends on the code
+# path; each builds the library anew (about 5 s), so the reruns leave them out.
+NOT_NUMERICS = ("test_cpu_kernel.py::test_a_failed_build", "test_cpu_kernel.py::test_the_library_is_cached",
+                "test_cpu_kernel.py::test_a_truncated_library", "test_cpu_kernel.py::test_a_compiler_that_stalls")
 # Tests of several seconds each (subprocesses, real training runs): `bash scripts/test.sh --quick` leaves them out.
 SLOW = ("test_distributed.py", "test_deepspeed.py", "test_accelerate_fsdp2.py", "test_cpu_code_paths.py::test_every_backend", "test_memory.py::test_estimate_matches_measured", "test_memory.py::test_cli_memory_subcommand",
         "test_integrations.py::test_trainer_resume", "test_integrations.py::test_recipes_run",
@@ -63,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("multi-rank"))
         elif fixture:
             item.add_marker(pytest.mark.xdist_group(f"{nodeid.split('::')[0]}::{fixture}"))
-        if nodeid.split("::")[0] in NUMERICS:
+        if nodeid.split("::")[0] in NUMERICS and not nodeid.startswith(NOT_NUMERICS):
             item.add_marker(pytest.mark.numerics)
         if nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)

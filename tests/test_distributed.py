@@ -146,19 +146,24 @@ def test_ddp_unchanged(tmp_path):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-4)
 
 
-def test_nonfinite_on_one_shard_leaves_only_its_block(tmp_path):
-    # (the same workers also check the 8-bit rule, below)
-    spawn(W.nonfinite_on_one_rank, 2, str(tmp_path))
-    for r in (0, 1):
-        res = torch.load(tmp_path / f"nonfinite_r{r}.pt")
+@pytest.fixture(scope="module")
+def nonfinite_ranks(tmp_path_factory):
+    """One FSDP2 run on 2 ranks with a non-finite gradient on rank 1's shard only, and the 8-bit rule for
+    sharded rows: what each rank saw."""
+    d = tmp_path_factory.mktemp("nonfinite")
+    spawn(W.nonfinite_on_one_rank, 2, str(d))
+    return [torch.load(d / f"nonfinite_r{r}.pt") for r in (0, 1)]
+
+
+def test_nonfinite_on_one_shard_leaves_only_its_block(nonfinite_ranks):
+    for r, res in enumerate(nonfinite_ranks):
         assert res["unchanged"] and res["rest_moved"] and res["others_moved"], (r, res)
-    assert torch.load(tmp_path / "nonfinite_r1.pt")["warned"]  # the rank that saw it says so
-    assert not torch.load(tmp_path / "nonfinite_r0.pt")["warned"]
+    assert nonfinite_ranks[1]["warned"]  # the rank that saw it says so
+    assert not nonfinite_ranks[0]["warned"]
 
 
-def test_sharded_rows_that_are_not_whole_blocks_keep_fp32_state(tmp_path):
-    spawn(W.nonfinite_on_one_rank, 2, str(tmp_path))
-    kinds = torch.load(tmp_path / "nonfinite_r0.pt")["kinds"]
+def test_sharded_rows_that_are_not_whole_blocks_keep_fp32_state(nonfinite_ranks):
+    kinds = nonfinite_ranks[0]["kinds"]
     assert {k: v[:2] for k, v in kinds.items()} == {"odd": ("fp32", True), "even": ("8bit", True)}
     # the first step says so once, with the count and the reason: rows of 100 fit no block of 64 or more
     said = kinds["odd"][2]
