@@ -22,8 +22,10 @@ KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 
 # part: [(text in kernels/adamw8bit.py, what replaces it)], for the 8-bit variants
 PARTS_8BIT = {
-    "v encode, map A (with its two square roots)": [("        q = tl.where(map_b[:, None], qb, qa)", "        q = qb")],
-    "v encode, map B": [("        q = tl.where(map_b[:, None], qb, qa)", "        q = qa")],
+    "v encode, map A (with its two square roots)": [("        q = qa\n        if (tl.max(map_b.to(tl.int32), axis=0) != 0) | (not FLAT_BRANCH):", "        if True:"),
+                                                    ("            q = tl.where(map_b[:, None], qb, qa)", "            q = qb")],
+    # counted in the hot path, though only a tile holding a flat block runs it: the figure is what the others skip
+    "v encode, map B": [("if (tl.max(map_b.to(tl.int32), axis=0) != 0) | (not FLAT_BRANCH):", "if False:")],
     "v dither hash": [("u = tl.where(tl.load(step_row + 10) != 0, (h >> 8).to(tl.float32) * (1.0 / 16777216.0), 0.5)", "u = 0.5")],
     "m encode (square root, rounding, sign)": [("""        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)
         q = tl.where(q > 127.0, 127.0, q)  # s beyond 1: a saturated scale

@@ -162,3 +162,20 @@ def test_zero_blocks_flat_partitions_step_as_one_optimizer_over_the_concatenated
         ref.step()
         assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), torch.cat([p.detach() for p in ref_parts]))
     assert not torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), whole)  # it did train
+
+
+def test_flat_blocks_counts_blocks_and_tiles_with_map_b(tmp_path):
+    import torch
+
+    import flat_blocks
+    from lowbit_adamw import AdamW8bit
+
+    # a flat block (map B: negative v scale) in the first tile of two, and none in the second
+    p = torch.nn.Parameter(torch.zeros(256 * 12))
+    opt = AdamW8bit([p], min_8bit_size=0)
+    p.grad = torch.cat([torch.ones(256), torch.randn(256 * 11) * 10.0 ** (-3 * torch.rand(256 * 11))])
+    opt.step()
+    assert (opt.state[p]["exp_avg_sq_absmax"] < 0).tolist() == [True] + [False] * 11
+    assert flat_blocks.flat_counts(opt, 8) == dict(blocks=12, flat_blocks=1, tiles=2, tiles_with_a_flat_block=1)
+    rows = flat_blocks.run(3, 8, dict(dim=32, layers=1, seq_len=32), report_at=(2,))
+    assert [r["step"] for r in rows] == [2, 3] and rows[-1]["blocks"] > 0
