@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 8 recipes/deepspeed_zero.py --stage 3 --steps 50     # GPUs: nccl
     torchrun --standalone --nproc-per-node 2 recipes/deepspeed_zero.py --ckpt /tmp/ds --steps 20
     torchrun --standalone --nproc-per-node 2 recipes/deepspeed_zero.py --resume /tmp/ds --steps 10  # same world size
+    torchrun --standalone --nproc-per-node 2 recipes/deepspeed_zero.py --ckpt /tmp/ds --ckpt-step 10 --steps 20
 
 Two config flags matter (docs/integrations.md): ``zero_allow_untested_optimizer`` (DeepSpeed refuses a ZeRO
 client optimizer it has not tested itself without it; Hugging Face's Trainer sets it on its own), and with
@@ -41,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16, help="global batch, split across ranks")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ckpt", default=None, help="save a DeepSpeed checkpoint here at the end")
+    ap.add_argument("--ckpt-step", type=int, default=None,
+                    help="save it after this step instead (training goes on; --resume then repeats the rest exactly)")
     ap.add_argument("--resume", default=None, help="load a DeepSpeed checkpoint (same world size) before training")
     args = ap.parse_args(argv)
 
@@ -76,17 +79,23 @@ def main(argv=None):
         engine.backward(loss)
         engine.step()
         log_loss(step, loss, start, args.steps, rank, world)
+        if args.ckpt and step + 1 == args.ckpt_step:
+            save(engine, args.ckpt, step + 1, rank)
 
     held = optimizer_state_bytes(opt)["total"]
     local = sum(s["exp_avg_codes"].numel() for s in opt.state.values() if "exp_avg_codes" in s)
     if rank == 0:
         print(f"memory: optimizer state on rank 0 {held / 2**20:.2f} MiB for a partition of {local:,} elements "
               f"({held / max(local, 1):.2f} B/param)")
-    if args.ckpt:
-        engine.save_checkpoint(args.ckpt, client_state={"step": start + args.steps})
-        if rank == 0:
-            print(f"saved {args.ckpt}")
+    if args.ckpt and args.ckpt_step is None:
+        save(engine, args.ckpt, start + args.steps, rank)
     dist.barrier()
+
+
+def save(engine, path, step, rank):
+    engine.save_checkpoint(path, client_state={"step": step})
+    if rank == 0:
+        print(f"saved {path} after step {step}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 8 recipes/fsdp2_train.py --steps 50          # GPUs: nccl
     torchrun --standalone --nproc-per-node 2 recipes/fsdp2_train.py --ckpt /tmp/ck --steps 20
     torchrun --standalone --nproc-per-node 1 recipes/fsdp2_train.py --resume /tmp/ck --steps 10   # any world size
+    torchrun --standalone --nproc-per-node 2 recipes/fsdp2_train.py --ckpt /tmp/ck --ckpt-step 10 --steps 20
 
 Each rank keeps 8-bit state for its own shard. A sharded matrix gets 8-bit state when its rows are
 whole quantization blocks (row length a multiple of block_size, 256 by default; true for every
@@ -36,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16, help="global batch, split across ranks")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ckpt", default=None, help="save a DCP checkpoint here at the end")
+    ap.add_argument("--ckpt-step", type=int, default=None,
+                    help="save it after this step instead (training goes on; --resume then repeats the rest)")
     ap.add_argument("--resume", default=None, help="load a DCP checkpoint (any world size) before training")
     args = ap.parse_args(argv)
 
@@ -72,19 +75,25 @@ def main(argv=None):
         loss.backward()
         opt.step()
         log_loss(step, loss, start, args.steps, rank, world)
+        if args.ckpt and step + 1 == args.ckpt_step:
+            save(model, opt, args.ckpt, step + 1, rank)
 
     held = torch.tensor([optimizer_state_bytes(opt)["total"]], dtype=torch.float64, device=device)
     n_local = torch.tensor([sum(p.to_local().numel() for p in model.parameters())], dtype=torch.float64, device=device)
     if rank == 0:
         print(f"memory: optimizer state on rank 0 {held.item() / 2**20:.2f} MiB for {int(n_local.item()):,} local parameters "
               f"({held.item() / n_local.item():.2f} B/param)")
-    if args.ckpt:
-        model_sd, optim_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": optim_sd, "meta": {"step": start + args.steps}}, checkpoint_id=args.ckpt)
-        if rank == 0:
-            print(f"saved {args.ckpt}")
+    if args.ckpt and args.ckpt_step is None:
+        save(model, opt, args.ckpt, start + args.steps, rank)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def save(model, opt, path, step, rank):
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd, "meta": {"step": step}}, checkpoint_id=path)
+    if rank == 0:
+        print(f"saved {path} after step {step}")
 
 
 if __name__ == "__main__":

@@ -54,11 +54,12 @@ def _recipe(*args):
 
 
 def test_the_recipe_with_zero_offload_resumes_exactly(tmp_path):
-    full, stdout = _recipe("--stage", "2", "--offload", "--steps", "4")
+    # 4 steps with a checkpoint saved after step 2 (training goes on), then 2 steps resumed from it
+    full, stdout = _recipe("--stage", "2", "--offload", "--steps", "4", "--ckpt", str(tmp_path / "ck"), "--ckpt-step", "2")
     assert "(2.03 B/param)" in stdout  # 8-bit state on the rank's partition, in host memory
-    _recipe("--stage", "2", "--offload", "--steps", "2", "--ckpt", str(tmp_path / "ck"))
+    assert "after step 2" in stdout and sorted(full) == [0, 1, 2, 3]
     resumed, stdout = _recipe("--stage", "2", "--offload", "--steps", "2", "--resume", str(tmp_path / "ck"))
-    assert "resumed from" in stdout and resumed == {2: full[2], 3: full[3]}
+    assert "resumed from" in stdout and "at step 2" in stdout and resumed == {2: full[2], 3: full[3]}
 
 
 def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_resumes_exactly(tmp_path):
