@@ -29,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 from lowbit_adamw import AdamW8bit  # noqa: E402
 from lowbit_adamw.memory import optimizer_state_bytes  # noqa: E402
 from lowbit_adamw.tinylm import TinyLM  # noqa: E402
-from recipe_utils import log_loss, rank_batches  # noqa: E402
+from recipe_utils import check_ckpt_step, log_loss, rank_batches  # noqa: E402
 
 
 def main(argv=None):
@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ckpt", default=None, help="save a DeepSpeed checkpoint here at the end")
     ap.add_argument("--ckpt-step", type=int, default=None,
-                    help="save it after this step instead (training goes on; --resume then repeats the rest exactly)")
+                    help="save it once this many steps are done instead (training goes on; --resume repeats the rest exactly)")
     ap.add_argument("--resume", default=None, help="load a DeepSpeed checkpoint (same world size) before training")
     args = ap.parse_args(argv)
 
@@ -72,6 +72,7 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed from {args.resume} at step {start} on {world} rank(s)")
 
+    check_ckpt_step(args.ckpt, args.ckpt_step, start, args.steps)
     data = rank_batches(args.batch, world, rank, start, engine.device)
     for step in range(start, start + args.steps):
         x, y = next(data)

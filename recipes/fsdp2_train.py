@@ -26,7 +26,7 @@ from lowbit_adamw import AdamW8bit
 from lowbit_adamw.memory import optimizer_state_bytes
 from lowbit_adamw.tinylm import TinyLM
 
-from recipe_utils import log_loss, rank_batches
+from recipe_utils import check_ckpt_step, log_loss, rank_batches
 
 
 def main(argv=None):
@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ckpt", default=None, help="save a DCP checkpoint here at the end")
     ap.add_argument("--ckpt-step", type=int, default=None,
-                    help="save it after this step instead (training goes on; --resume then repeats the rest)")
+                    help="save it once this many steps are done instead (training goes on; --resume repeats the rest)")
     ap.add_argument("--resume", default=None, help="load a DCP checkpoint (any world size) before training")
     args = ap.parse_args(argv)
 
@@ -67,6 +67,7 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed from {args.resume} at step {start} on {world} rank(s)")
 
+    check_ckpt_step(args.ckpt, args.ckpt_step, start, args.steps)
     data = rank_batches(args.batch, world, rank, start, device)
     for step in range(start, start + args.steps):
         x, y = next(data)

@@ -71,3 +71,15 @@ def log_loss(step: int, loss: torch.Tensor, start: int, steps: int, rank: int, w
     dist.all_reduce(avg)
     if rank == 0 and (step % max(1, steps // 10) == 0 or step == start + steps - 1):
         print(f"step {step:4d}  loss {avg.item() / world:.4f}")
+
+
+def check_ckpt_step(ckpt: str | None, ckpt_step: int | None, start: int, steps: int) -> None:
+    """--ckpt-step K (save once K steps are done, training goes on) must name a step this run reaches, and a
+    --ckpt to save to: otherwise nothing would be saved, and nothing said."""
+    if ckpt_step is None:
+        return
+    if not ckpt:
+        raise SystemExit("--ckpt-step needs --ckpt (where to save)")
+    if not start < ckpt_step <= start + steps:
+        raise SystemExit(f"--ckpt-step {ckpt_step} is not reached by this run: it trains from {start} to {start + steps} "
+                         "steps done; pick a step in that range")

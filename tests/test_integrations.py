@@ -439,3 +439,20 @@ def test_lowbit_checkpoint_converted_resumes_in_another_optimizer(tmp_path, lowb
     assert _close(resumed["losses"], full["losses"], ("4", "5", "6"), 0.01), (resumed["losses"], full["losses"])
     # and the weights: torch 0.4%, bitsandbytes 2.0% apart in the updates of steps 4-6 here
     assert _update_gap(tmp_path / "r" / "checkpoint-6", out / "checkpoint-6", out / "checkpoint-3") < 0.1
+
+
+def test_a_ckpt_step_the_run_never_reaches_is_refused():
+    sys.path.insert(0, RECIPES)
+    try:
+        from recipe_utils import check_ckpt_step
+    finally:
+        sys.path.remove(RECIPES)
+    check_ckpt_step("/tmp/ck", 3, start=0, steps=4)  # saved once 3 of the 4 steps are done
+    check_ckpt_step(None, None, start=0, steps=4)
+    with pytest.raises(SystemExit, match="--ckpt-step needs --ckpt"):
+        check_ckpt_step(None, 3, start=0, steps=4)
+    for step in (0, 5):
+        with pytest.raises(SystemExit, match=f"--ckpt-step {step} is not reached by this run: it trains from 0 to 4"):
+            check_ckpt_step("/tmp/ck", step, start=0, steps=4)
+    with pytest.raises(SystemExit, match="from 4 to 6"):  # a resumed run counts from its checkpoint's step
+        check_ckpt_step("/tmp/ck", 4, start=4, steps=2)
