@@ -8,6 +8,10 @@ v map's codes by the other's, the division by a multiply, ...), that build is co
 its hot-path instructions per element are counted; a part's figure is what the shipped kernel's count loses
 without it. The edited builds compute wrong results and exist only to be counted; the parts overlap a little
 (a shared subexpression leaves with either), so they need not add up to the whole.
+
+Then the ladder: the format's edits applied one after another leave the skeleton every state format shares under
+the contract (linear codes, no dither; the IEEE root and division, the non-finite rule, bf16 rounding kept), and
+the contract's own parts are taken out after them: what any format could reach, and what the contract costs.
 """
 from __future__ import annotations
 
@@ -35,6 +39,35 @@ PARTS_8BIT = {
     "v decode, the second map": [("        v = _v_level(code, a < 0, BITS) * tl.abs(a)", "        v = code * a")],
     "weight rounding on the bits (vs a conversion)": [("            out = _round_nearest(p, p_raw.dtype)", "            out = p.to(p_raw.dtype)")],
 }
+
+
+# The floor under the contract: the same edits one after another, from the shipped kernel down to a skeleton that
+# keeps what every format must (the loads and stores, the block scales, AdamW's arithmetic with the IEEE root and
+# division the backends share bit for bit, the non-finite rule, bf16 rounding to nearest) with linear 8-bit codes
+# and no dither; then what the contract's own parts cost on top of the bare skeleton.
+V_MAP_A = """        r = tl.sqrt_rn(s)
+        lo_a = tl.floor(tl.sqrt_rn(r) * 255.0)
+        lo_a = tl.where(lo_a > 254.0, 254.0, lo_a)
+        ylo = lo_a * (1.0 / 255.0)
+        yhi = (lo_a + 1.0) * (1.0 / 255.0)
+        low, high = ylo * ylo, yhi * yhi
+        up_a = (((u * (high - low)) * r) < ((r - low) * high)) | (s >= 1.0)  # s >= 1: saturated by inf
+        qa = lo_a + up_a.to(tl.float32)
+        qa = tl.where((v > 0) & (qa == 0), 1.0, qa)  # a positive v never decodes to 0"""
+FORMAT_LADDER = [
+    ("v map B out", PARTS_8BIT["v encode, map B"]),
+    ("v dither hash -> 1/2", PARTS_8BIT["v dither hash"]),
+    ("v map A -> linear code floor(s * 255 + u)", [(V_MAP_A, "        qa = tl.floor(s * 255.0 + u)")]),
+    ("m encode -> linear code", [("        q = tl.floor(tl.sqrt_rn(tl.abs(s)) * 127.0 + 0.5)", "        q = tl.floor(tl.abs(s) * 127.0 + 0.5)")]),
+    ("m decode -> linear", [("        return q * tl.abs(q) * a", "        return q * a")]),
+    ("v decode -> one linear map", [("        v = _v_level(code, a < 0, BITS) * tl.abs(a)", "        v = code * (1.0 / 255.0) * tl.abs(a)")]),
+]
+CONTRACT_LADDER = [
+    ("IEEE division -> multiply", PARTS_8BIT["IEEE division of the update"]),
+    ("IEEE square root of the update -> approximate", [("denom = tl.sqrt_rn(vh) * inv_bc2_sqrt + eps", "denom = tl.sqrt(vh) * inv_bc2_sqrt + eps")]),
+    ("non-finite check out", PARTS_8BIT["non-finite check"]),
+    ("bf16 rounding -> the hardware's conversion", PARTS_8BIT["weight rounding on the bits (vs a conversion)"]),
+]
 
 
 def hot_per_element(kernel, target, dtype, bits) -> float:
@@ -80,12 +113,21 @@ def main(argv=None):
         for i, (part, edits) in enumerate(PARTS_8BIT.items()):
             kernel = edited_kernel(source, edits, tmp, f"kernel_part_{i}")
             parts[part] = whole - hot_per_element(kernel, args.target, args.dtype, 8)
+        ladder, edits = [], []
+        for i, (step, step_edits) in enumerate(FORMAT_LADDER + CONTRACT_LADDER):
+            edits += step_edits
+            kernel = edited_kernel(source, edits, tmp, f"kernel_ladder_{i}")
+            ladder.append(dict(edit=step, hot_per_element=hot_per_element(kernel, args.target, args.dtype, 8)))
     print(f"{args.target} 8-bit {args.dtype}, aligned default variant: {whole:.1f} hot instructions per element (static)")
     for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {n:6.1f}  {part}")
+    print("the same edits one after another (the first six leave the contract's skeleton with linear codes):")
+    for row in ladder:
+        print(f"  {row['hot_per_element']:6.1f}  {row['edit']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(target=args.target, dtype=args.dtype, bits=8, hot_per_element=whole, parts=parts,
+            json.dump(dict(target=args.target, dtype=args.dtype, bits=8, hot_per_element=whole, parts=parts, ladder=ladder,
+                           skeleton_per_element=ladder[len(FORMAT_LADDER) - 1]["hot_per_element"],
                            note="static figures: SASS counted per element, not timings", **machine()), f, indent=1)
 
 
