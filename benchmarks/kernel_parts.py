@@ -62,6 +62,13 @@ FORMAT_LADDER = [
     ("m decode -> linear", [("        return q * tl.abs(q) * a", "        return q * a")]),
     ("v decode -> one linear map", [("        v = _v_level(code, a < 0, BITS) * tl.abs(a)", "        v = code * (1.0 / 255.0) * tl.abs(a)")]),
 ]
+FORMAT_LADDER_4BIT = [
+    ("v dither hash -> 1/2", PARTS_8BIT["v dither hash"]),
+    ("m encode -> linear code (binary search over the 15 bounds out)",
+     [("        b3 = s >= M4_BOUNDS[7]\n", "        return tl.minimum(tl.maximum(tl.floor(s * 7.0 + 7.5), 0.0), 15.0)\n        b3 = s >= M4_BOUNDS[7]\n")]),
+    ("m decode -> linear (select tree out)",
+     [("        c = code.to(tl.int32)\n        b0 = (c & 1) != 0\n", "        return (code - 7.0) * (1.0 / 7.0) * a\n        c = code.to(tl.int32)\n        b0 = (c & 1) != 0\n")]),
+]
 CONTRACT_LADDER = [
     ("IEEE division -> multiply", PARTS_8BIT["IEEE division of the update"]),
     ("IEEE square root of the update -> approximate", [("denom = tl.sqrt_rn(vh) * inv_bc2_sqrt + eps", "denom = tl.sqrt(vh) * inv_bc2_sqrt + eps")]),
@@ -113,22 +120,31 @@ def main(argv=None):
         for i, (part, edits) in enumerate(PARTS_8BIT.items()):
             kernel = edited_kernel(source, edits, tmp, f"kernel_part_{i}")
             parts[part] = whole - hot_per_element(kernel, args.target, args.dtype, 8)
-        ladder, edits = [], []
-        for i, (step, step_edits) in enumerate(FORMAT_LADDER + CONTRACT_LADDER):
-            edits += step_edits
-            kernel = edited_kernel(source, edits, tmp, f"kernel_ladder_{i}")
-            ladder.append(dict(edit=step, hot_per_element=hot_per_element(kernel, args.target, args.dtype, 8)))
+        ladders = {bits: ladder(source, steps, args.target, args.dtype, bits, tmp)
+                   for bits, steps in ((8, FORMAT_LADDER), (4, FORMAT_LADDER_4BIT))}
     print(f"{args.target} 8-bit {args.dtype}, aligned default variant: {whole:.1f} hot instructions per element (static)")
     for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {n:6.1f}  {part}")
-    print("the same edits one after another (the first six leave the contract's skeleton with linear codes):")
-    for row in ladder:
-        print(f"  {row['hot_per_element']:6.1f}  {row['edit']}")
+    for bits, rows in ladders.items():
+        print(f"{bits}-bit: the edits one after another (the format's leave the contract's skeleton with linear codes):")
+        for row in rows:
+            print(f"  {row['hot_per_element']:6.1f}  {row['edit']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(target=args.target, dtype=args.dtype, bits=8, hot_per_element=whole, parts=parts, ladder=ladder,
-                           skeleton_per_element=ladder[len(FORMAT_LADDER) - 1]["hot_per_element"],
+            json.dump(dict(target=args.target, dtype=args.dtype, bits=8, hot_per_element=whole, parts=parts,
+                           ladder=ladders[8], skeleton_per_element=ladders[8][len(FORMAT_LADDER)]["hot_per_element"],
+                           ladder_4bit=ladders[4], skeleton_per_element_4bit=ladders[4][len(FORMAT_LADDER_4BIT)]["hot_per_element"],
                            note="static figures: SASS counted per element, not timings", **machine()), f, indent=1)
+
+
+def ladder(source, steps, target, dtype, bits, tmp) -> list[dict]:
+    """The shipped count, then the count after each of ``steps`` and CONTRACT_LADDER, applied cumulatively."""
+    rows, edits = [dict(edit="shipped kernel", hot_per_element=hot_per_element(None, target, dtype, bits))], []
+    for i, (step, step_edits) in enumerate(steps + CONTRACT_LADDER):
+        edits += step_edits
+        kernel = edited_kernel(source, edits, tmp, f"kernel_ladder{bits}_{i}")
+        rows.append(dict(edit=step, hot_per_element=hot_per_element(kernel, target, dtype, bits)))
+    return rows
 
 
 if __name__ == "__main__":

@@ -128,10 +128,11 @@ def test_every_part_the_parts_count_takes_out_is_still_in_the_kernel(tmp_path):
     for i, (part, edits) in enumerate(kernel_parts.PARTS_8BIT.items()):
         kernel = kernel_parts.edited_kernel(source, edits, str(tmp_path), f"part_{i}")
         assert kernel.arg_names == adamw8bit_kernel.arg_names, part
-    edits = []  # the ladder's edits, cumulative: each anchor must survive the edits before it
-    for i, (step, step_edits) in enumerate(kernel_parts.FORMAT_LADDER + kernel_parts.CONTRACT_LADDER):
-        edits += step_edits
-        kernel = kernel_parts.edited_kernel(source, edits, str(tmp_path), f"ladder_{i}")
-        assert kernel.arg_names == adamw8bit_kernel.arg_names, step
+    for steps in (kernel_parts.FORMAT_LADDER, kernel_parts.FORMAT_LADDER_4BIT):
+        edits = []  # the ladder's edits, cumulative: each anchor must survive the edits before it
+        for i, (step, step_edits) in enumerate(steps + kernel_parts.CONTRACT_LADDER):
+            edits += step_edits
+            kernel = kernel_parts.edited_kernel(source, edits, str(tmp_path), f"ladder{len(steps)}_{i}")
+            assert kernel.arg_names == adamw8bit_kernel.arg_names, step
     with pytest.raises(ValueError, match="no longer contains"):
         kernel_parts.edited_kernel(source, [("a line the kernel does not have", "")], str(tmp_path), "missing")
