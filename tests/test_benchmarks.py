@@ -117,6 +117,29 @@ def test_float_codes_are_exact_on_their_levels_and_unbiased_with_the_dither():
     assert abs(mean / 0.3 - 1) < 2e-3 and len(set(_float_code(s, 4, 4, u).tolist())) == 2
 
 
+def test_cpu_step_parts_edits_apply_in_order_and_each_build_compiles(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import cpu_step_parts
+
+    from lowbit_adamw.step import cpu_kernel
+
+    runs = cpu_step_parts.builds(open(cpu_step_parts.CPP_SOURCE).read(), str(tmp_path))
+    texts = [open(path).read() for _, path in runs]
+    assert len(runs) == len(cpu_step_parts.LADDER) + 1 and all(a != b for a, b in zip(texts, texts[1:]))
+    cxx = cpu_kernel._compiler()
+    if cxx:  # a syntax check (a tenth of a second) instead of seven builds
+        for name, path in runs:
+            r = subprocess.run([cxx, "-fsyntax-only", path], capture_output=True, text=True)
+            assert r.returncode == 0, (name, r.stderr[-2000:])
+    # each timed process builds from the source it is given: another source is another library
+    shipped = cpu_kernel.library_path()[0]
+    monkeypatch.setattr(cpu_kernel, "_SOURCE", Path(runs[-1][1]))
+    assert cpu_kernel.library_path()[0] != shipped
+    with pytest.raises(ValueError, match="no longer contains"):
+        cpu_step_parts.builds("", str(tmp_path))
+
+
 def test_codec_candidates_simulate_format_v4_beside_a_root_free_v_code(monkeypatch):
     import codec_drift
 
