@@ -23,11 +23,11 @@ def setup(rank, world, port):
     import logging
 
     import deepspeed
-    import deepspeed.comm.torch as ds_torch
+
+    from deepspeed_cpu import skip_shm_op
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed's shared-memory all-reduce is for inference; building it costs a first run ~30 s of C++ compile.
-    ds_torch.build_shm_op = lambda: None
+    skip_shm_op()  # an op for inference that takes 30-45 s to build
     deepspeed.init_distributed(dist_backend="gloo")
 
 

@@ -49,8 +49,23 @@ def test_zero_checkpoint_resumes_exactly(zero_runs, stage):
     assert row["resumed"] == row["continued"]
 
 
+DS_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed_cpu.py")  # no shm op to build
+
+
+def test_the_shm_op_is_skipped_where_the_tests_ask(monkeypatch):
+    # the module itself: `import deepspeed.comm.torch as m` would have stubbed PyTorch and built the op anyway
+    import importlib
+
+    from deepspeed_cpu import skip_shm_op
+
+    backend = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(backend, "build_shm_op", backend.build_shm_op)  # restored after the test
+    skip_shm_op()
+    assert backend.build_shm_op() is None
+
+
 def _recipe(*args):
-    return torchrun_recipe(2, *args, recipe="deepspeed_zero.py")
+    return torchrun_recipe(2, *args, recipe="deepspeed_zero.py", wrapper=DS_CPU)
 
 
 def test_the_recipe_with_zero_offload_resumes_exactly(tmp_path):
@@ -68,7 +83,7 @@ def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_res
 
     def run(*args):
         report = tmp_path / f"report_{len(list(tmp_path.iterdir()))}.json"
-        out = torchrun(2, os.path.join(root, "recipes", "hf_trainer_finetune.py"), "--deepspeed-stage", "2", "--steps", "6",
+        out = torchrun(2, DS_CPU, os.path.join(root, "recipes", "hf_trainer_finetune.py"), "--deepspeed-stage", "2", "--steps", "6",
                        "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args, DS_ACCELERATOR="cpu")
         return json.loads(report.read_text()), out.stderr
 

@@ -189,10 +189,12 @@ def torchrun(nproc, script, *args, **env):
     return out
 
 
-def torchrun_recipe(nproc, *args, recipe="fsdp2_train.py"):
-    """Run a distributed recipe on a tiny model under torchrun (CPU, gloo): ({step: loss}, stdout)."""
+def torchrun_recipe(nproc, *args, recipe="fsdp2_train.py", wrapper=None):
+    """Run a distributed recipe on a tiny model under torchrun (CPU, gloo), through ``wrapper`` (a script that
+    runs the script named after it) if given: ({step: loss}, stdout)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = torchrun(nproc, os.path.join(root, "recipes", recipe), "--dim", "256", "--layers", "1", "--batch", "4", *args)
+    script = [wrapper] if wrapper else []
+    out = torchrun(nproc, *script, os.path.join(root, "recipes", recipe), "--dim", "256", "--layers", "1", "--batch", "4", *args)
     return {int(line.split()[1]): float(line.split()[3]) for line in out.stdout.splitlines() if line.startswith("step")}, out.stdout
 
 
