@@ -47,6 +47,16 @@ def machine() -> dict:
                 command="python " + " ".join(sys.argv))
 
 
+def apply_edits(source: str, edits, name: str, where: str) -> str:
+    """``source`` with each (old, new) of ``edits`` replaced in turn; a missing ``old`` is an error, so that a
+    renamed line cannot leave a build of kernel_parts.py or cpu_step_parts.py silently unedited."""
+    for old, new in edits:
+        if old not in source:
+            raise ValueError(f"{name}: {where} no longer contains {old!r}")
+        source = source.replace(old, new)
+    return source
+
+
 def save(path: str | None, payload: dict) -> None:
     if path:
         with open(path, "w") as f:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchlib import save
+from benchlib import apply_edits, save
 
 CPP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lowbit_adamw", "step", "csrc", "cpu_step.cpp")
 
@@ -74,10 +74,7 @@ def builds(source: str, tmp: str) -> list[tuple[str, str]]:
     """(edit, path of the edited source), the shipped source first."""
     out = [("shipped step", CPP_SOURCE)]
     for i, (name, edits) in enumerate(LADDER):
-        for old, new in edits:
-            if old not in source:
-                raise ValueError(f"{name}: cpu_step.cpp no longer contains {old!r}: update LADDER")
-            source = source.replace(old, new)
+        source = apply_edits(source, edits, name, "cpu_step.cpp (update LADDER)")
         path = os.path.join(tmp, f"cpu_step_ladder_{i}.cpp")
         with open(path, "w") as f:
             f.write(source)

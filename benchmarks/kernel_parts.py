@@ -22,6 +22,8 @@ import os
 import sys
 import tempfile
 
+from benchlib import apply_edits
+
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "adamw8bit.py")
 
 # part: [(text in kernels/adamw8bit.py, what replaces it)], for the 8-bit variants
@@ -87,10 +89,7 @@ def hot_per_element(kernel, target, dtype, bits) -> float:
 
 
 def edited_kernel(source: str, edits, tmp: str, name: str):
-    for old, new in edits:
-        if old not in source:
-            raise ValueError(f"{name}: the kernel no longer contains {old!r}: update PARTS_8BIT")
-        source = source.replace(old, new)
+    source = apply_edits(source, edits, name, "the kernel (update PARTS_8BIT or the ladders)")
     path = os.path.join(tmp, f"{name}.py")
     with open(path, "w") as f:
         f.write(source)
