@@ -27,8 +27,6 @@ if ! { python3 -m pip install -q --no-compile uv && python3 -m uv pip install -q
 fi
 python3 -m compileall -qq -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 export LOWBIT_ADAMW_BLOCKS_PER_PROGRAM="${LOWBIT_ADAMW_BLOCKS_PER_PROGRAM:-16}"
-# OpenMP threads wait for work asleep, not spinning on cores that the other workers need (tests/conftest.py).
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # -P: do not put the repo root on sys.path (kernels/ would shadow the PyPI package "kernels"); the xdist
 # workers, which start with it there, drop it in tests/conftest.py.
 parallel=(-n "${LOWBIT_ADAMW_TEST_WORKERS:-auto}" --dist loadgroup)

@@ -9,8 +9,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 # OpenMP threads that finish a parallel region spin for their next one by default. Two xdist workers (and the
 # subprocesses of their tests), each with a thread per core, then burn the cores the other needs: a third of
 # the CPU time of the in-process tests went to spinning (tests/test_options.py and five other files on 2 cores:
-# 90-98 s of CPU and 51-55 s against 64 s and 38 s passive). Read when torch loads OpenMP, so set before it;
-# scripts/test.sh sets it for everything it starts.
+# 90-98 s of CPU and 51-55 s against 64 s and 38 s passive). Read when torch loads OpenMP, so set before it
+# (every pytest process, the reruns' included, loads this file first; the tests' subprocesses inherit it).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
