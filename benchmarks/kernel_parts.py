@@ -136,11 +136,19 @@ def main(argv=None):
                            note="static figures: SASS counted per element, not timings", **machine()), f, indent=1)
 
 
+def cumulative(steps) -> list[tuple[str, list]]:
+    """(step, every edit up to it) for each of ``steps`` and then CONTRACT_LADDER: what each rung of a ladder builds."""
+    out, edits = [], []
+    for step, step_edits in steps + CONTRACT_LADDER:
+        edits = edits + step_edits
+        out.append((step, edits))
+    return out
+
+
 def ladder(source, steps, target, dtype, bits, tmp) -> list[dict]:
-    """The shipped count, then the count after each of ``steps`` and CONTRACT_LADDER, applied cumulatively."""
-    rows, edits = [dict(edit="shipped kernel", hot_per_element=hot_per_element(None, target, dtype, bits))], []
-    for i, (step, step_edits) in enumerate(steps + CONTRACT_LADDER):
-        edits += step_edits
+    """The shipped count, then the count after each rung of ``cumulative(steps)``."""
+    rows = [dict(edit="shipped kernel", hot_per_element=hot_per_element(None, target, dtype, bits))]
+    for i, (step, edits) in enumerate(cumulative(steps)):
         kernel = edited_kernel(source, edits, tmp, f"kernel_ladder{bits}_{i}")
         rows.append(dict(edit=step, hot_per_element=hot_per_element(kernel, target, dtype, bits)))
     return rows

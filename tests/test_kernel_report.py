@@ -129,9 +129,8 @@ def test_every_part_the_parts_count_takes_out_is_still_in_the_kernel(tmp_path):
         kernel = kernel_parts.edited_kernel(source, edits, str(tmp_path), f"part_{i}")
         assert kernel.arg_names == adamw8bit_kernel.arg_names, part
     for steps in (kernel_parts.FORMAT_LADDER, kernel_parts.FORMAT_LADDER_4BIT):
-        edits = []  # the ladder's edits, cumulative: each anchor must survive the edits before it
-        for i, (step, step_edits) in enumerate(steps + kernel_parts.CONTRACT_LADDER):
-            edits += step_edits
+        # the ladder's rungs, as main() builds them: each anchor must survive the edits before it
+        for i, (step, edits) in enumerate(kernel_parts.cumulative(steps)):
             kernel = kernel_parts.edited_kernel(source, edits, str(tmp_path), f"ladder{len(steps)}_{i}")
             assert kernel.arg_names == adamw8bit_kernel.arg_names, step
     with pytest.raises(ValueError, match="no longer contains"):
