@@ -12,6 +12,9 @@ without it. The edited builds compute wrong results and exist only to be counted
 Then the ladder: the format's edits applied one after another leave the skeleton every state format shares under
 the contract (linear codes, no dither; the IEEE root and division, the non-finite rule, bf16 rounding kept), and
 the contract's own parts are taken out after them: what any format could reach, and what the contract costs.
+
+Last, the shipped kernel, the skeleton and the bare skeleton at every launch shape (8, 16 and 32 elements a thread,
+1 to 8 warps): whether a tile other than the optimizer's would lower that floor.
 """
 from __future__ import annotations
 
@@ -80,12 +83,47 @@ CONTRACT_LADDER = [
 
 
 def hot_per_element(kernel, target, dtype, bits) -> float:
+    return count(kernel, target, dtype, bits)["hot_per_element"]
+
+
+def count(kernel, target, dtype, bits, bpp=None, warps=None, registers=False) -> dict:
+    """Hot-path SASS instructions per element of one build at one launch shape (the optimizer's by default);
+    with ``registers``, ptxas' registers and spill bytes too."""
     import kernel_report as kr
     from sass import disassemble, parse_sass, sass_counts
 
-    compiled, bpp, warps = kr.compile_variant(target, dtype, bits=bits, kernel=kernel)
-    counts = sass_counts(parse_sass(disassemble(compiled.asm["cubin"])))
-    return counts["hot"] / (bpp * kr.fmt.default_block_size(bits) / (warps * 32))
+    compiled, bpp, warps = kr.compile_variant(target, dtype, bits=bits, kernel=kernel, bpp=bpp, warps=warps)
+    per_thread = bpp * kr.fmt.default_block_size(bits) // (warps * 32)
+    row = dict(blocks_per_program=bpp, num_warps=warps, elements_per_thread=per_thread,
+               hot_per_element=sass_counts(parse_sass(disassemble(compiled.asm["cubin"])))["hot"] / per_thread)
+    if registers:
+        row.update(kr.ptxas_figures(compiled.asm["ptx"], kr.TARGETS[target][1]))
+    return row
+
+
+def launch_shapes(bits) -> list[tuple[int, int]]:
+    """(blocks per program, warps): 8, 16 and 32 elements a thread at 1, 2, 4 and 8 warps (whole blocks only)."""
+    from lowbit_adamw import format as fmt
+
+    block = fmt.default_block_size(bits)
+    return [(el * warps * 32 // block, warps) for warps in (1, 2, 4, 8) for el in (8, 16, 32) if el * warps * 32 % block == 0]
+
+
+def shape_sweep(source, steps, target, dtype, bits, tmp) -> list[dict]:
+    """The shipped kernel, the contract's skeleton (``steps``' format edits) and the bare skeleton (the contract's
+    parts out too) at every launch shape: whether another tile shape would lower the floor the ladder finds."""
+    rungs = cumulative(steps)
+    builds = dict(shipped=None, skeleton=edited_kernel(source, rungs[len(steps) - 1][1], tmp, f"kernel_shape{bits}_skeleton"),
+                  bare=edited_kernel(source, rungs[-1][1], tmp, f"kernel_shape{bits}_bare"))
+    rows = []
+    for bpp, warps in launch_shapes(bits):
+        row = {}
+        for name, kernel in builds.items():
+            c = count(kernel, target, dtype, bits, bpp, warps, registers=True)
+            row.update({k: c[k] for k in ("blocks_per_program", "num_warps", "elements_per_thread")})
+            row[name] = dict(hot_per_element=c["hot_per_element"], registers=c["registers"], spill_bytes=c["spill_bytes"])
+        rows.append(row)
+    return rows
 
 
 def edited_kernel(source: str, edits, tmp: str, name: str):
@@ -121,6 +159,8 @@ def main(argv=None):
             parts[part] = whole - hot_per_element(kernel, args.target, args.dtype, 8)
         ladders = {bits: ladder(source, steps, args.target, args.dtype, bits, tmp)
                    for bits, steps in ((8, FORMAT_LADDER), (4, FORMAT_LADDER_4BIT))}
+        shapes = {bits: shape_sweep(source, steps, args.target, args.dtype, bits, tmp)
+                  for bits, steps in ((8, FORMAT_LADDER), (4, FORMAT_LADDER_4BIT))}
     print(f"{args.target} 8-bit {args.dtype}, aligned default variant: {whole:.1f} hot instructions per element (static)")
     for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {n:6.1f}  {part}")
@@ -128,11 +168,22 @@ def main(argv=None):
         print(f"{bits}-bit: the edits one after another (the format's leave the contract's skeleton with linear codes):")
         for row in rows:
             print(f"  {row['hot_per_element']:6.1f}  {row['edit']}")
+    lowest = {}
+    for bits, rows in shapes.items():
+        print(f"{bits}-bit at every launch shape (hot instructions per element, registers; * the optimizer's shape):")
+        for r in rows:
+            mark = "*" if (r["blocks_per_program"], r["num_warps"]) == kr.launch_shape("cuda", bits) else " "
+            print(f" {mark}{r['blocks_per_program']:3d} blocks x {r['num_warps']} warps, {r['elements_per_thread']:2d} a thread: "
+                  + "  ".join(f"{k} {r[k]['hot_per_element']:6.1f} ({r[k]['registers']} regs{', spills' if r[k]['spill_bytes'] else ''})"
+                              for k in ("shipped", "skeleton", "bare")))
+        lowest[bits] = {k: min(r[k]["hot_per_element"] for r in rows) for k in ("shipped", "skeleton", "bare")}
+        print(f"  lowest over the shapes: " + ", ".join(f"{k} {v:.1f}" for k, v in lowest[bits].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(target=args.target, dtype=args.dtype, bits=8, hot_per_element=whole, parts=parts,
                            ladder=ladders[8], skeleton_per_element=ladders[8][len(FORMAT_LADDER)]["hot_per_element"],
                            ladder_4bit=ladders[4], skeleton_per_element_4bit=ladders[4][len(FORMAT_LADDER_4BIT)]["hot_per_element"],
+                           shapes=shapes[8], shapes_4bit=shapes[4], lowest_over_shapes=lowest[8], lowest_over_shapes_4bit=lowest[4],
                            note="static figures: SASS counted per element, not timings", **machine()), f, indent=1)
 
 

@@ -135,3 +135,23 @@ def test_every_part_the_parts_count_takes_out_is_still_in_the_kernel(tmp_path):
             assert kernel.arg_names == adamw8bit_kernel.arg_names, step
     with pytest.raises(ValueError, match="no longer contains"):
         kernel_parts.edited_kernel(source, [("a line the kernel does not have", "")], str(tmp_path), "missing")
+
+
+def test_the_shape_sweep_covers_the_optimizers_shape_in_whole_blocks():
+    # kernel_parts' sweep asks whether another tile lowers the floor: it must include the shape the optimizer
+    # launches, and every shape must be whole quantization blocks with 8, 16 or 32 elements a thread
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import kernel_parts
+
+    from lowbit_adamw import format as fmt
+    from lowbit_adamw.step import kernel_launch
+
+    for bits in fmt.BITS:
+        block = fmt.default_block_size(bits)
+        shapes = kernel_parts.launch_shapes(bits)
+        chosen = (kernel_launch.default_blocks_per_program(block), kernel_launch.default_num_warps(False))
+        assert chosen in shapes, bits
+        per_thread = {bpp * block // (warps * 32) for bpp, warps in shapes}
+        assert per_thread == {8, 16, 32}, bits
+        assert all(bpp >= 1 and bpp & (bpp - 1) == 0 and bpp * block % (warps * 32) == 0 for bpp, warps in shapes)
+        assert {warps for _, warps in shapes} == {1, 2, 4, 8}
