@@ -177,7 +177,7 @@ def main(argv=None):
                   + "  ".join(f"{k} {r[k]['hot_per_element']:6.1f} ({r[k]['registers']} regs{', spills' if r[k]['spill_bytes'] else ''})"
                               for k in ("shipped", "skeleton", "bare")))
         lowest[bits] = {k: min(r[k]["hot_per_element"] for r in rows) for k in ("shipped", "skeleton", "bare")}
-        print(f"  lowest over the shapes: " + ", ".join(f"{k} {v:.1f}" for k, v in lowest[bits].items()))
+        print("  lowest over the shapes: " + ", ".join(f"{k} {v:.1f}" for k, v in lowest[bits].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(target=args.target, dtype=args.dtype, bits=8, hot_per_element=whole, parts=parts,

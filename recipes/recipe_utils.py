@@ -36,10 +36,10 @@ def byte_windows(n: int, seq_len: int = 64, held_out: bool = False) -> list[dict
 def memory_summary(optimizer) -> str:
     """State bytes per parameter this process holds (a sharded parameter counts its local shard), why any
     tensors keep full-precision state, and the peak memory."""
-    from lowbit_adamw.memory.state import full_state_causes
+    from lowbit_adamw.memory.state import full_state_causes, optimizer_params
 
     state = optimizer_state_bytes(optimizer)
-    n = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for g in optimizer.param_groups for p in g["params"])
+    n = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in optimizer_params(optimizer).values())
     parts = [f"optimizer state {state['total'] / 2**20:.2f} MiB ({state['total'] / max(n, 1):.2f} B/param over {n:,} params)"]
     causes = full_state_causes(optimizer)
     if causes:

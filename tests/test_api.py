@@ -182,10 +182,12 @@ def test_named_parameters_are_used_in_messages():
         opt.step()
 
 
-def test_fp32_choices_of_replaced_parameters_are_said_once_with_their_bytes():
+@pytest.mark.parametrize("zero3", [False, True])
+def test_fp32_choices_of_replaced_parameters_are_said_once_with_their_bytes(zero3):
     """DeepSpeed swaps flat partitions into the param groups after the optimizer is built (simulated here
     without DeepSpeed, as its ZeRO-1/2 optimizer does it): an fp32-state choice cannot follow a parameter
-    there, and the first step says so, once, with the state it no longer keeps in fp32."""
+    there, and the first step says so, once, with the state it no longer keeps in fp32. ZeRO-3 also empties
+    the partitioned parameters (their size kept as ``ds_numel``): the count is still the parameter's."""
     import warnings
 
     import torch
@@ -198,6 +200,9 @@ def test_fp32_choices_of_replaced_parameters_are_said_once_with_their_bytes():
     opt = AdamW8bit(params, fp32_state=[emb, unused], min_8bit_size=0)
     flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
     opt.param_groups[0]["params"] = [flat]
+    if zero3:
+        for p in params:
+            p.ds_numel, p.data = p.numel(), torch.empty(0)
     for step in range(2):
         flat.grad = torch.randn_like(flat)
         with warnings.catch_warnings(record=True) as caught:

@@ -77,15 +77,21 @@ def test_the_recipe_with_zero_offload_resumes_exactly(tmp_path):
     assert "resumed from" in stdout and "at step 2" in stdout and resumed == {2: full[2], 3: full[3]}
 
 
+def _trainer_run(tmp_path, stage, *args):
+    """recipes/hf_trainer_finetune.py under a ZeRO ``stage`` config on 2 CPU ranks: (its JSON report, stdout, stderr)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    report = tmp_path / f"report_{len(list(tmp_path.iterdir()))}.json"
+    out = torchrun(2, DS_CPU, os.path.join(root, "recipes", "hf_trainer_finetune.py"), "--deepspeed-stage", str(stage), "--steps", "6",
+                   "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args, DS_ACCELERATOR="cpu")
+    return json.loads(report.read_text()), out.stdout, out.stderr
+
+
 def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_resumes_exactly(tmp_path):
     pytest.importorskip("transformers")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def run(*args):
-        report = tmp_path / f"report_{len(list(tmp_path.iterdir()))}.json"
-        out = torchrun(2, DS_CPU, os.path.join(root, "recipes", "hf_trainer_finetune.py"), "--deepspeed-stage", "2", "--steps", "6",
-                       "--output-dir", str(tmp_path / "out"), "--report-out", str(report), *args, DS_ACCELERATOR="cpu")
-        return json.loads(report.read_text()), out.stderr
+        report, _, stderr = _trainer_run(tmp_path, 2, *args)
+        return report, stderr
 
     # the Trainer string, routed to AdamW8bit by install()
     ours, said = run("--route", "install", "--optim", "adamw_8bit", "--save-steps", "3")
@@ -104,3 +110,25 @@ def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_res
     assert resumed["losses"] == {k: v for k, v in ours["losses"].items() if int(k) > 3}, (resumed["losses"], ours["losses"])
     assert resumed["state_kinds"] == ours["state_kinds"]
 
+
+def test_trainer_with_a_zero3_config_saves_and_resumes_exactly_and_counts_its_partitions(tmp_path):
+    # ZeRO-3 partitions the parameters themselves (each is empty on every rank between forward passes) and puts a
+    # rank's flat partition into the optimizer's group only while it steps; the memory line and the lost-choice
+    # notice must still count the partitions and the parameters (lowbit_adamw.memory.state.optimizer_params)
+    pytest.importorskip("transformers")
+    ours, stdout, said = _trainer_run(tmp_path, 3, "--route", "install", "--optim", "adamw_8bit", "--save-steps", "3")
+    assert ours["optimizer"] == "lowbit_adamw.optimizer.AdamW8bit"
+    kinds = sorted(ours["state_kinds"], key=lambda kind: kind[1])
+    assert [k for k, _ in kinds] == ["fp32", "8bit"] and kinds[0][1] < 4096 < kinds[1][1], kinds
+    losses = [ours["losses"][str(k)] for k in range(1, 7)]
+    assert losses[-1] < 0.85 * losses[0], losses
+    memory = [line for line in stdout.splitlines() if line.startswith("memory:")]
+    assert len(memory) == 2, stdout[-2000:]
+    for line in memory:  # this rank's partitions: ~2 B/param, and the small group's partition by its cause
+        per_param = float(line.split(" B/param")[0].split("(")[-1])
+        assert 2.0 < per_param < 2.2 and f"over {kinds[0][1] + kinds[1][1]:,} params" in line, line
+        assert "full-precision state for 1 tensor(s) by min_8bit_size" in line, line
+    assert said.count("1 parameter(s) chosen for fp32 state (32,768 elements) are no longer among") == 2, said[-3000:]
+    resumed, _, _ = _trainer_run(tmp_path, 3, "--route", "install", "--optim", "adamw_8bit", "--resume", str(tmp_path / "out" / "checkpoint-3"))
+    assert resumed["losses"] == {k: v for k, v in ours["losses"].items() if int(k) > 3}, (resumed["losses"], ours["losses"])
+    assert resumed["state_kinds"] == ours["state_kinds"]

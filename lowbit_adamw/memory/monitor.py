@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from .estimation import _meta
 from .report import MemoryReport, MemoryRow
-from .state import _tensor_bytes, full_state_causes, optimizer_state_bytes
+from .state import _tensor_bytes, full_state_causes, optimizer_params, optimizer_state_bytes
 
 
 class MemoryMonitor:
@@ -43,7 +43,7 @@ class MemoryMonitor:
         self.record()
 
     def _held(self, state_bytes: int) -> int:
-        params = {id(p): p for g in self.optimizer.param_groups for p in g["params"]}
+        params = optimizer_params(self.optimizer)
         held = sum(_tensor_bytes(p) for p in params.values())
         held += sum(_tensor_bytes(p.grad) for p in params.values() if p.grad is not None)
         return held + state_bytes
@@ -57,7 +57,7 @@ class MemoryMonitor:
         # one walk over the state, in its two parts
         on_device, on_host = (optimizer_state_bytes(self.optimizer, where)["total"] for where in ("device", "host"))
         rec = dict(step=len(self.history) + 1, state_bytes=on_device + on_host, host_bytes=self._host_bytes(on_host))
-        devs = {p.device.type for g in self.optimizer.param_groups for p in g["params"]}
+        devs = {p.device.type for p in optimizer_params(self.optimizer).values()}
         if "cuda" in devs:
             rec["peak_bytes"] = torch.cuda.max_memory_allocated()
             rec["allocated_bytes"] = torch.cuda.memory_allocated()
@@ -69,11 +69,11 @@ class MemoryMonitor:
 
     def report(self) -> MemoryReport:
         opt = self.optimizer
-        params = {id(p): p for g in opt.param_groups for p in g["params"]}
+        trainable = list(optimizer_params(opt).values())
+        params = {id(p): p for p in trainable}
         if self.model is not None:
             params.update({id(p): p for p in self.model.parameters()})
         s = optimizer_state_bytes(opt, "device")
-        trainable = [p for g in opt.param_groups for p in g["params"]]
         row = MemoryRow(self.name, type(opt).__name__, weights=sum(_tensor_bytes(p) for p in params.values()),
                         grads=sum(_tensor_bytes(p) for p in trainable if p.requires_grad), state_codes=s["codes"],
                         state_scales=s["scales"], state_full=s["full"], state_other=s["other"], state_ema=s["ema"],

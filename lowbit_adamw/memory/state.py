@@ -37,6 +37,15 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    """The tensors an optimizer updates, by id: those in its param groups, and those it holds state for.
+    DeepSpeed's ZeRO-3 puts a rank's flat partition into a group's ``params`` only for the length of its
+    ``step`` and empties the list after, so between steps its partitions are found through the state alone."""
+    params = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+    params.update({id(p): p for p in optimizer.state if isinstance(p, torch.Tensor) and id(p) not in params})
+    return params
+
+
 def _offloaded(optimizer: torch.optim.Optimizer) -> set[int]:
     """ids of the parameters whose state the optimizer keeps in host memory, away from their device:
     AdamW8bit's ``offload="cpu"`` groups (lowbit_adamw.optim.placement.state_device), on a CPU-only machine
@@ -84,11 +93,16 @@ def full_state_causes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, i
     from ..optim import placement
 
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    # A tensor in no group (ZeRO-3 between steps, see optimizer_params) is judged by the groups' placement options
+    # when they all agree; its group cannot be told otherwise.
+    options = {tuple(g.get(k) for k in ("fp32_state", "min_8bit_size", "block_size")) for g in optimizer.param_groups}
+    shared = optimizer.param_groups[0] if len(options) == 1 else None
     out: dict[str, dict[str, int]] = {}
     for p, state in optimizer.state.items():
-        if "exp_avg" not in state or id(p) not in group_of:
+        group = group_of.get(id(p), shared)
+        if "exp_avg" not in state or group is None:
             continue
-        cause = placement.full_state_cause(optimizer, p, group_of[id(p)]) or "loaded"
+        cause = placement.full_state_cause(optimizer, p, group) or "loaded"
         row = out.setdefault(cause, {"tensors": 0, "bytes": 0})
         row["tensors"] += 1
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):

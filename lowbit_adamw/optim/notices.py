@@ -69,9 +69,11 @@ def say_fp32_choices_lost(opt) -> None:
     lost = [p for p in opt._fp32_forced if id(p) in opt._built_ids and id(p) not in listed and id(p) not in followed]
     if not lost:
         return
-    n = sum(p.numel() for p in lost)
+    # ZeRO-3 empties a partitioned parameter on every rank and keeps its size as ds_numel
+    size = {id(p): getattr(p, "ds_numel", None) or p.numel() for p in lost}
+    n = sum(size.values())
     # priced with the width of the group each was built in (their elements now follow the partition's group)
-    kept = sum(p.numel() * (8 - fmt.state_bytes_per_element(*opt._built_ids[id(p)])) for p in lost)
+    kept = sum(size[id(p)] * (8 - fmt.state_bytes_per_element(*opt._built_ids[id(p)])) for p in lost)
     bits = sorted({opt._built_ids[id(p)][0] for p in lost})
     bits = bits[0] if len(bits) == 1 else "/".join(map(str, bits))
     warnings.warn(f"AdamW8bit: {len(lost)} parameter(s) chosen for fp32 state ({n:,} elements) are no longer among the "
