@@ -37,8 +37,9 @@ LADDER = [
     ("m encode -> linear code", [("  float q = std::floor(std::sqrt(std::fabs(s)) * 127.0f + 0.5f);",
                                   "  float q = std::floor(std::fabs(s) * 127.0f + 0.5f);")]),
     ("m decode -> linear", [("  return y * std::fabs(y) * a;", "  return y * a;")]),
-    ("v decode -> one linear map", [("  const float v = BITS == 8 ? (a < 0.0f ? level_b(c) * -a : level_a(c) * a) : level_v4(c) * a;",
-                                     "  const float v = BITS == 8 ? c * (1.0f / 255.0f) * a : level_v4(c) * a;")]),
+    # the blocks here take map A (Gaussian gradients): its level becomes linear
+    ("v decode -> one linear map", [("    for (int i = 0; i < n; ++i) x[i] = saturated_to_inf(level_a(x[i]) * a);",
+                                     "    for (int i = 0; i < n; ++i) x[i] = saturated_to_inf(x[i] * (1.0f / 255.0f) * a);")]),
     ("IEEE division -> multiply", [("step_size * (mi / denom);", "step_size * (mi * denom);")]),
     ("IEEE square root -> none", [("    float denom = std::sqrt(hi) * inv_bc2_sqrt + eps;", "    float denom = hi * inv_bc2_sqrt + eps;")]),
 ]

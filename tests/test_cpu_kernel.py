@@ -185,6 +185,27 @@ def test_scalars_beyond_fp32_range_become_fp32_infinity_as_in_eager(kw):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_cpp_step_gives_the_eager_bits_when_a_flat_block_saturates(bits):
+    # a whole block of gradient spikes (every g * g overflows to inf): v's scale saturates at FLT_MAX in a flat block
+    # (map B at 8 bits), whose top code decodes back to inf; the block's decode map is chosen once per block
+    flat = 256 if bits == 8 else 128
+    sizes = (flat * 3 + 10,)
+    eager, cpp = twins(torch.float32, sizes=sizes, bits=bits)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        grad = torch.randn(sizes[0], generator=g) * 1e-2
+        if step == 1:
+            grad[flat:2 * flat] = (2e19 + 1e19 * torch.rand(flat, generator=g)) * torch.sign(torch.randn(flat, generator=g))
+        for o in (eager, cpp):
+            o.param_groups[0]["params"][0].grad = grad.clone()
+            o.step()
+        assert_same(eager, cpp)
+        if step >= 1:
+            scale = cpp.state[cpp.param_groups[0]["params"][0]]["exp_avg_sq_absmax"].reshape(-1)[1]
+            assert scale.abs() == torch.finfo(torch.float32).max and (scale < 0) == (bits == 8), (step, scale)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_cpp_step_without_the_v_dither_gives_the_eager_bits_in_both_v_maps(bits, monkeypatch):
     # v_dithers=None (the functional API's default: u = 1/2) has its own loops in the C++ encode, one
     # per 8-bit v map; the first half of each gradient is flat (|g| in [0.8, 1]: every block's v within

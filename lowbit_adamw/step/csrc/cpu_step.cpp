@@ -233,10 +233,19 @@ inline float level_v4(float c) { return (c + 1.0f) * (1.0f / 16.0f); }
 
 // v from its code and the block's signed scale (at 8 bits a negative scale selects map B); the top code of
 // a saturated block (FLT_MAX) is inf, as the v that saturated it was.
-template <int BITS>
-inline float decode_v(float c, float a) {
-  const float v = BITS == 8 ? (a < 0.0f ? level_b(c) * -a : level_a(c) * a) : level_v4(c) * a;
-  return v == 3.4028234663852886e38f ? std::numeric_limits<float>::infinity() : v;
+inline float saturated_to_inf(float v) { return v == 3.4028234663852886e38f ? std::numeric_limits<float>::infinity() : v; }
+inline float decode_v4(float c, float a) { return saturated_to_inf(level_v4(c) * a); }
+
+// 8-bit v from a block's codes, in place, with the map chosen once for the block (the scale's sign is the
+// block's). Inside the step's loop it was a select per element with both maps evaluated; this pass made the
+// 8-bit fp32 step ~8% faster on a Zen 5. At 4 bits the level is one add and one multiply, cheaper in the loop.
+inline void decode_v8_block(float* __restrict__ x, float a, int n) {
+  if (a < 0.0f) {
+    const float s = -a;
+    for (int i = 0; i < n; ++i) x[i] = saturated_to_inf(level_b(x[i]) * s);
+  } else {
+    for (int i = 0; i < n; ++i) x[i] = saturated_to_inf(level_a(x[i]) * a);
+  }
 }
 
 // The 4-bit m map's 16-entry tables (levels; bounds, padded) in vector registers: a lookup is one permute at
@@ -409,6 +418,10 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
   load_codes<BITS>(t.vc, start, n, v);
   if (AMSGRAD) load_codes<BITS>(t.xc, start, n, vh);
   const float ma = t.ma[b], va = t.va[b], xa = AMSGRAD ? t.xa[b] : 0.0f;
+  if (BITS == 8) {  // v and vh hold values from here on at 8 bits
+    decode_v8_block(v, va, n);
+    if (AMSGRAD) decode_v8_block(vh, xa, n);
+  }
   const float clip_value = k.clip, sign = maximize ? -1.0f : 1.0f, grad_mul = t.grad_mul;
   const float beta1 = k.beta1, one_minus_beta1 = k.one_minus_beta1, beta2 = k.beta2, one_minus_beta2 = k.one_minus_beta2;
   const float eps = k.eps, decay = k.decay, step_size = t.step_size, inv_bc2_sqrt = t.inv_bc2_sqrt;
@@ -420,10 +433,10 @@ int block_step(const Tensor& t, int64_t b, int block, const Consts& k, bool maxi
     gi = gi * sign;  // -x is x * -1 exactly (NaN included, up to its sign bit, which nothing reads)
     const float old_m = BITS == 8 ? decode_m8(m[i], ma) : m[i];
     float mi = old_m * beta1 + gi * one_minus_beta1;
-    float vi = decode_v<BITS>(v[i], va) * beta2 + (gi * gi) * one_minus_beta2;
+    float vi = (BITS == 8 ? v[i] : decode_v4(v[i], va)) * beta2 + (gi * gi) * one_minus_beta2;
     float hi = vi;
     if (AMSGRAD) {
-      float xi = decode_v<BITS>(vh[i], xa);
+      float xi = BITS == 8 ? vh[i] : decode_v4(vh[i], xa);
       hi = (vi > xi || vi != vi) ? vi : xi;  // torch.maximum propagates NaN
     }
     float denom = std::sqrt(hi) * inv_bc2_sqrt + eps;
