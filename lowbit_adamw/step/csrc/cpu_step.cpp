@@ -238,7 +238,7 @@ inline float decode_v4(float c, float a) { return saturated_to_inf(level_v4(c) *
 
 // 8-bit v from a block's codes, in place, with the map chosen once for the block (the scale's sign is the
 // block's). Inside the step's loop it was a select per element with both maps evaluated; this pass made the
-// 8-bit fp32 step ~8% faster on a Zen 5. At 4 bits the level is one add and one multiply, cheaper in the loop.
+// 8-bit fp32 step ~7% faster on a Zen 5. At 4 bits the level is one add and one multiply, cheaper in the loop.
 inline void decode_v8_block(float* __restrict__ x, float a, int n) {
   if (a < 0.0f) {
     const float s = -a;
