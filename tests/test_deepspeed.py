@@ -88,14 +88,9 @@ def _trainer_run(tmp_path, stage, *args):
 
 def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_resumes_exactly(tmp_path):
     pytest.importorskip("transformers")
-
-    def run(*args):
-        report, _, stderr = _trainer_run(tmp_path, 2, *args)
-        return report, stderr
-
     # the Trainer string, routed to AdamW8bit by install()
-    ours, said = run("--route", "install", "--optim", "adamw_8bit", "--save-steps", "3")
-    base, _ = run("--route", "plain", "--optim", "adamw_torch")
+    ours, _, said = _trainer_run(tmp_path, 2, "--route", "install", "--optim", "adamw_8bit", "--save-steps", "3")
+    base, _, _ = _trainer_run(tmp_path, 2, "--route", "plain", "--optim", "adamw_torch")
     assert ours["optimizer"] == "lowbit_adamw.optimizer.AdamW8bit"
     assert base["optimizer"] == "torch.optim.adamw.AdamW"
     # the Trainer's two param groups (with and without weight decay) give each rank two flat partitions: the
@@ -106,7 +101,7 @@ def test_trainer_with_a_zero2_config_builds_adamw8bit_tracks_torch_adamw_and_res
         assert abs(ours["losses"][step] - loss) <= 0.02 * loss, (ours["losses"], base["losses"])
     # the embedding rule cannot follow the weights into ZeRO's flat partitions: the first step says so, per rank
     assert said.count("1 parameter(s) chosen for fp32 state (32,768 elements) are no longer among") == 2, said[-3000:]
-    resumed, _ = run("--route", "install", "--optim", "adamw_8bit", "--resume", str(tmp_path / "out" / "checkpoint-3"))
+    resumed, _, _ = _trainer_run(tmp_path, 2, "--route", "install", "--optim", "adamw_8bit", "--resume", str(tmp_path / "out" / "checkpoint-3"))
     assert resumed["losses"] == {k: v for k, v in ours["losses"].items() if int(k) > 3}, (resumed["losses"], ours["losses"])
     assert resumed["state_kinds"] == ours["state_kinds"]
 
