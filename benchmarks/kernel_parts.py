@@ -117,11 +117,9 @@ def shape_sweep(source, steps, target, dtype, bits, tmp) -> list[dict]:
                   bare=edited_kernel(source, rungs[-1][1], tmp, f"kernel_shape{bits}_bare"))
     rows = []
     for bpp, warps in launch_shapes(bits):
-        row = {}
-        for name, kernel in builds.items():
-            c = count(kernel, target, dtype, bits, bpp, warps, registers=True)
-            row.update({k: c[k] for k in ("blocks_per_program", "num_warps", "elements_per_thread")})
-            row[name] = dict(hot_per_element=c["hot_per_element"], registers=c["registers"], spill_bytes=c["spill_bytes"])
+        counts = {name: count(kernel, target, dtype, bits, bpp, warps, registers=True) for name, kernel in builds.items()}
+        row = {k: counts["shipped"][k] for k in ("blocks_per_program", "num_warps", "elements_per_thread")}
+        row.update({name: {k: c[k] for k in ("hot_per_element", "registers", "spill_bytes")} for name, c in counts.items()})
         rows.append(row)
     return rows
 
